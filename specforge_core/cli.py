@@ -1,0 +1,150 @@
+"""The `specforge-wb` command line: parse -> config -> one engine call. Nothing else lives here.
+
+Each subcommand is a row of `COMMANDS`: its config class (the flags come from the schema) and the
+engine function, imported lazily so `specforge-wb --help` stays fast. Engine functions take
+`(config, events)` and return a JSON-able summary, which is printed as the last line of stdout
+(`--json`) or as readable text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from . import __version__
+from .config import ConfigError, JobConfig, add_config_args, config_from_args, write_run_json  # noqa: F401
+from .events import Events, JobCancelled
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    config: str              # "module:Class" under specforge_core
+    func: str                # "module:function" under specforge_core; called as func(cfg, events)
+    help: str
+    config_flag: bool = True  # accept --config FILE
+
+
+COMMANDS: list[Command] = [
+    Command("prepare-data", "config:PrepareDataConfig", "data.prepare:prepare_data",
+            "convert a preset dataset or local files into train/eval JSONL in our schema"),
+    Command("inspect-mask", "config:InspectMaskConfig", "data.inspect:inspect_mask",
+            "show which tokens are trained (green) and masked (red)"),
+    Command("build-cache", "config:BuildCacheConfig", "data.cache:build_cache",
+            "tokenise + mask a dataset once (cached by key) and build the draft vocab"),
+]
+
+
+def _resolve(spec: str) -> Callable | type:
+    mod, attr = spec.split(":")
+    return getattr(importlib.import_module(f"specforge_core.{mod}"), attr)
+
+
+def _register_extra_commands() -> None:
+    """Later engine parts add rows here (training, regen, evaluate, ...) without editing the core table."""
+    for extra in ("training.commands", "regen.commands", "offline.commands", "evaluate.commands", "jobs.commands"):
+        try:
+            mod = importlib.import_module(f"specforge_core.{extra}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("specforge_core"):
+                continue
+            raise
+        for c in getattr(mod, "COMMANDS", []):
+            if all(c.name != x.name for x in COMMANDS):
+                COMMANDS.append(c)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _register_extra_commands()
+    p = argparse.ArgumentParser(prog="specforge-wb", description="Train speculative-decoding drafts "
+                                "(EAGLE3, Medusa) for SGLang / vLLM: data, masks, training, evaluation.")
+    p.add_argument("--version", action="version", version=f"specforge-wb {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for c in COMMANDS:
+        sp = sub.add_parser(c.name, help=c.help, description=c.help)
+        if c.config_flag:
+            sp.add_argument("--config", dest="_config_file", default=None,
+                            help="YAML/JSON file (or a run.json) with field values; flags override it")
+        sp.add_argument("--events", dest="_events_file", default=None,
+                        help="also append structured events (JSON lines) to this file")
+        sp.add_argument("--json", dest="_json", action="store_true", help="print the result as JSON")
+        sp.add_argument("--quiet", dest="_quiet", action="store_true", help="do not echo events to stderr")
+        add_config_args(sp, _resolve(c.config))
+        sp.set_defaults(_command=c)
+
+    ui = sub.add_parser("ui", help="start the Gradio workbench", description="start the Gradio workbench")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--share", action="store_true", help="ask Gradio for a temporary public link")
+    ui.add_argument("--workspace", default="workspace", help="root for data, runs and the jobs database")
+    ui.add_argument("--auth", default=None, help="user:pass (required with a non-loopback --host)")
+    ui.add_argument("--allow-unauthenticated-remote", action="store_true",
+                    help="bind a non-loopback host without --auth (you accept the risk)")
+    return p
+
+
+def _print_result(result, as_json: bool) -> None:
+    if result is None:
+        return
+    if hasattr(result, "to_dict"):
+        result = result.to_dict()
+    if as_json or not isinstance(result, dict):
+        print(json.dumps(result, ensure_ascii=False, default=str))
+        return
+    for k, v in result.items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, ensure_ascii=False, default=str)
+        print(f"{k}: {v}")
+
+
+def _run_ui(ns: argparse.Namespace) -> int:
+    # The engine never imports the GUI: it starts it as a program, as it would start a server.
+    argv = [sys.executable, "-m", "workbench", "--host", ns.host, "--port", str(ns.port),
+            "--workspace", ns.workspace]
+    if ns.share:
+        argv.append("--share")
+    if ns.auth:
+        argv += ["--auth", ns.auth]
+    if ns.allow_unauthenticated_remote:
+        argv.append("--allow-unauthenticated-remote")
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    if ns.command == "ui":
+        return _run_ui(ns)
+    cmd: Command = ns._command
+    try:
+        cfg = config_from_args(_resolve(cmd.config), ns, ns._config_file)
+    except ConfigError as e:
+        print(f"specforge-wb {cmd.name}: {e}", file=sys.stderr)
+        return 2
+    events = Events(ns._events_file, echo=not ns._quiet)
+    events.install_signal_handlers()
+    func = _resolve(cmd.func)
+    try:
+        result = func(cfg, events)
+    except JobCancelled as e:
+        print(f"specforge-wb {cmd.name}: cancelled ({e}); outputs so far are kept and the job can resume",
+              file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"specforge-wb {cmd.name}: error: {e}", file=sys.stderr)
+        return 1
+    _print_result(result, ns._json)
+    return int(getattr(result, "exit_code", 0) or 0) if not isinstance(result, dict) else int(result.get("exit_code", 0))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

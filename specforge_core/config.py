@@ -1,0 +1,251 @@
+"""Typed job configs: one pydantic schema per job feeds the CLI flags, the GUI forms and `run.json`.
+
+Each long job is a function of one of these objects. `add_config_args` turns a config class into
+argparse flags (field `max_length` -> `--max-length`, help from the field description),
+`config_from_args` builds the object back (a `--config FILE` of YAML/JSON supplies defaults that
+flags override), and `write_run_json` / `read_run_json` make every artifact directory say what
+made it and which format version it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FORMAT_VERSION = 1
+
+
+class JobConfig(BaseModel):
+    """Base of every job config: unknown keys are an error (a typo in run.yaml must not pass)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # Fields the CLI takes as positionals rather than flags.
+    _positional: typing.ClassVar[tuple[str, ...]] = ()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 2: data
+# ------------------------------------------------------------------------------------------------
+class PrepareDataConfig(JobConfig):
+    """Turn a preset dataset or local files into our conversation schema (train / eval JSONL)."""
+
+    dataset: Optional[str] = Field(None, description="preset name (ultrachat, sharegpt, perfectblend, "
+                                   "daring-anteater, magpie); its source is read with `datasets`")
+    input: Optional[list[str]] = Field(None, description="local file(s): JSONL, JSON list or Parquet, "
+                                       "in our schema or a preset's source schema; several are merged")
+    source_path: Optional[str] = Field(None, description="where a preset's source lives locally "
+                                       "(file or directory); default: the hub id through the HF cache")
+    output: str = Field("workspace/data", description="output directory")
+    name: Optional[str] = Field(None, description="output name prefix (default: dataset or input stem)")
+    sample_size: Optional[int] = Field(None, ge=1, description="keep at most this many rows (random, seeded)")
+    split_eval: float = Field(0.05, ge=0.0, lt=1.0, description="fraction of rows written to the eval file")
+    seed: int = Field(0, description="seed for sampling and the train/eval split")
+    system_prompt: Optional[str] = Field(None, description="add this system turn to rows that have none")
+    max_row_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="rows larger than this are skipped")
+
+
+class MaskOptions(JobConfig):
+    """How conversations become token ids and a loss mask."""
+
+    tokenizer: str = Field("default", description="tokenizer: `default` (SmolLM2-135M-Instruct), "
+                           "`llama3` (Meta's Llama-3 tokenizer), a local directory, or a hub id")
+    chat_template: str = Field("auto", description="named template (llama3, chatml, qwen, qwen3-thinking, ...) "
+                               "or `auto` (render with the tokenizer's own chat template and diff prefixes)")
+    max_length: int = Field(2048, ge=8, description="truncate samples to this many tokens")
+    train_only_last_turn: bool = Field(False, description="train only on the last assistant turn")
+
+
+class InspectMaskConfig(MaskOptions):
+    """Show which tokens of a sample are trained (green) and which are masked (red)."""
+
+    input: str = Field(..., description="JSONL / JSON / Parquet file of conversations or text rows")
+    index: Optional[list[int]] = Field(None, description="row indices to show (default: 0)")
+    format: Literal["text", "json"] = Field("text", description="text: coloured tokens; json: one object per sample")
+    color: Optional[bool] = Field(None, description="force ANSI colours on/off (default: when stdout is a terminal)")
+
+
+class BuildCacheConfig(MaskOptions):
+    """Tokenise + mask a dataset once, keyed by a hash of its inputs, and build the draft vocab."""
+
+    data: list[str] = Field(..., description="conversation JSONL file(s) (train); several are concatenated")
+    eval_data: Optional[list[str]] = Field(None, description="eval file(s), cached beside the train split")
+    cache_dir: str = Field("workspace/cache", description="where caches live (one subdirectory per key)")
+    num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="worker processes for tokenising")
+    draft_vocab_size: int = Field(32000, ge=1, description="size of the draft vocabulary (top ids under the mask)")
+    overwrite: bool = Field(False, description="rebuild even when a cache with the same key exists")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI plumbing: config class <-> argparse
+# ------------------------------------------------------------------------------------------------
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type[JobConfig],
+                    exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of `cls` (positionals for `cls._positional`). Defaults stay unset
+    (None) so that `--config FILE` values are not overridden by flags the user did not give."""
+    positional = set(getattr(cls, "_positional", ()))
+    for name, field in cls.model_fields.items():
+        if name in exclude:
+            continue
+        tp, _ = _unwrap_optional(field.annotation)
+        help_ = field.description or ""
+        if not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            help_ += f" (default: {default})"
+        kwargs: dict[str, Any] = {"help": help_, "default": None}
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+        elif origin in (list, tuple):
+            inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            kwargs["nargs"] = "+"
+            kwargs["type"] = inner if inner in (int, float, str) else str
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        else:
+            kwargs["type"] = str
+        if name in positional:
+            kwargs.pop("default")
+            if not field.is_required():
+                kwargs["nargs"] = "?"
+            parser.add_argument(name, **kwargs)
+        else:
+            parser.add_argument(_flag(name), dest=name, **kwargs)
+
+
+def load_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e}") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one clear message
+        raise ConfigError(f"{p}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    if isinstance(data, dict) and "config" in data and "kind" in data:  # a run.json
+        data = data["config"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of field names to values")
+    return data
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built; the message names the file or field."""
+
+
+def format_validation_error(cls: type[BaseModel], err: ValidationError, source: str = "") -> str:
+    lines = [f"invalid {cls.__name__}" + (f" from {source}" if source else "") + ":"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        lines.append(f"  {_flag(loc) if not source else loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(cls: type[JobConfig], values: dict, source: str = "") -> JobConfig:
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(cls, e, source)) from None
+
+
+def config_from_args(cls: type[JobConfig], ns: argparse.Namespace, config_file: str | None = None) -> JobConfig:
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_config_file(config_file))
+    for name in cls.model_fields:
+        v = getattr(ns, name, None)
+        if v is not None:
+            values[name] = v
+    return build_config(cls, values, source="")
+
+
+def config_to_argv(cfg: JobConfig, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The CLI flags that rebuild `cfg` (only fields that differ from their defaults)."""
+    argv: list[str] = []
+    positional = set(getattr(type(cfg), "_positional", ()))
+    pos_vals: list[str] = []
+    for name, field in type(cfg).model_fields.items():
+        if name in exclude:
+            continue
+        v = getattr(cfg, name)
+        if name in positional:
+            if v is not None:
+                pos_vals.append(str(v))
+            continue
+        if not field.is_required() and v == field.get_default(call_default_factory=True):
+            continue
+        if v is None:
+            continue
+        tp, _ = _unwrap_optional(field.annotation)
+        if tp is bool:
+            argv.append(_flag(name) if v else "--no-" + name.replace("_", "-"))
+        elif isinstance(v, (list, tuple)):
+            argv.append(_flag(name))
+            argv.extend(str(x) for x in v)
+        else:
+            argv.extend([_flag(name), str(v)])
+    return pos_vals + argv
+
+
+# ------------------------------------------------------------------------------------------------
+# Self-describing artifact directories
+# ------------------------------------------------------------------------------------------------
+def write_run_json(directory: str | Path, kind: str, cfg: JobConfig | dict, **extra: Any) -> Path:
+    from . import __version__
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "kind": kind,
+        "format_version": FORMAT_VERSION,
+        "specforge_version": __version__,
+        "config": cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg,
+        **extra,
+    }
+    tmp = d / "run.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, d / "run.json")
+    return d / "run.json"
+
+
+def read_run_json(directory: str | Path, expect_kind: str | None = None) -> dict:
+    p = Path(directory) / "run.json"
+    if not p.exists():
+        raise ConfigError(f"{directory}: no run.json here; this directory was not made by specforge-wb")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: corrupt run.json: {e}") from None
+    if expect_kind and data.get("kind") != expect_kind:
+        raise ConfigError(f"{p}: this is a {data.get('kind')!r} directory, expected {expect_kind!r}")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise ConfigError(f"{p}: format version {data.get('format_version')} is newer than this "
+                          f"specforge-wb understands ({FORMAT_VERSION}); upgrade it")
+    return data

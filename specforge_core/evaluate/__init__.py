@@ -1,0 +1,1 @@
+"""Evaluation: in-process speculative decoding, SGLang benchmark client, benchmark sets, servers."""

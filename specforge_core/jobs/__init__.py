@@ -1,0 +1,1 @@
+"""Background jobs: spawn, track in SQLite, cancel, logs and metrics."""

@@ -1,0 +1,1 @@
+"""Offline hidden states: the store (format, writer, reader) and the dump job."""

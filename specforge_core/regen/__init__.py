@@ -1,0 +1,1 @@
+"""Regeneration: assistant turns re-written by the target through OpenAI-compatible servers."""

@@ -1,0 +1,1 @@
+"""Training: the TTT loss, the trainer loop (online / offline), checkpoints, export, tracking."""
