@@ -1,0 +1,73 @@
+"""The training job's config: one schema for `specforge-wb train`, the GUI's Train form and `run.json`."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ..config import JobConfig
+
+
+class TrainConfig(JobConfig):
+    """Train an EAGLE3 draft against a target (online: the target computes hidden states on the fly)."""
+
+    # -- what to train on --------------------------------------------------------------------------
+    target_model: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), "
+                              "a local HF directory, or a hub id")
+    train_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for training")
+    eval_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for evaluation")
+    train_hidden_states: Optional[str] = Field(None, description="offline training: a hidden-state store "
+                                               "made by dump-hidden-states (the target's weights are not loaded)")
+    eval_hidden_states: Optional[str] = Field(None, description="offline eval: a hidden-state store")
+    tokenizer: Optional[str] = Field(None, description="tokenizer (default: the target's)")
+    chat_template: str = Field("auto", description="chat template name or `auto`")
+    max_length: int = Field(2048, ge=8, description="max tokens per sample")
+    train_only_last_turn: bool = Field(False, description="train only on the last assistant turn")
+    cache_dir: str = Field("workspace/cache", description="tokenised-cache root")
+    num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="tokenising processes")
+
+    # -- the draft ---------------------------------------------------------------------------------
+    draft_vocab_size: int = Field(32000, ge=1, description="draft vocabulary size (capped at the target's)")
+    draft_model_config: Optional[str] = Field(None, description="JSON draft config (SpecForge style) "
+                                              "overriding the one derived from the target")
+    aux_layer_ids: Optional[list[int]] = Field(None, description="target layers to capture "
+                                               "(default [1, L//2-1, L-4])")
+    ttt_length: int = Field(7, ge=1, le=32, description="training-time-test unroll length")
+    ttt_decay: float = Field(0.8, gt=0.0, le=1.0, description="weight of step k is decay**k")
+    attention_backend: Literal["sdpa", "flex"] = Field("sdpa", description="draft attention kernel "
+                                                       "(flex needs a GPU)")
+
+    # -- optimisation ------------------------------------------------------------------------------
+    lr: float = Field(1e-4, gt=0.0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.02, ge=0.0, lt=1.0, description="fraction of steps spent warming up")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor, as a fraction of lr")
+    grad_clip: float = Field(0.5, ge=0.0, description="max grad norm (0 = off)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    batch_size: int = Field(1, ge=1, description="samples per micro-batch (per process)")
+    epochs: int = Field(1, ge=1, description="passes over the training data")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
+    seed: int = Field(0, description="seed for data order and init")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    output_dir: str = Field("workspace/runs/eagle3", description="run directory (checkpoints, metrics.jsonl)")
+    resume: bool = Field(False, description="continue from the latest checkpoint in output_dir")
+    log_every: int = Field(1, ge=1, description="write train metrics every N steps")
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = at the end only)")
+    eval_max_samples: int = Field(256, ge=1, description="cap on eval samples per evaluation")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = at the end and on cancel)")
+    keep_last: int = Field(2, ge=1, description="checkpoints to keep")
+    report_to: list[Literal["none", "wandb", "tensorboard"]] = Field(["none"], description="trackers "
+                                                                     "besides metrics.jsonl")
+    wandb_project: str = Field("specforge-wb", description="wandb project")
+    wandb_name: Optional[str] = Field(None, description="wandb run name")
+
+    @model_validator(mode="after")
+    def _check_sources(self):
+        if not self.train_data and not self.train_hidden_states:
+            raise ValueError("give --train-data (online) or --train-hidden-states (offline)")
+        return self
