@@ -50,8 +50,9 @@ def render_ansi(ms: MaskedSample, tokenizer=None, color: bool = True, show_bound
         piece = visible(tok["token"])
         if show_boundaries:
             piece = piece + "|"
-        if color:
-            parts.append((GREEN if tok["trained"] else RED) + piece + RESET)
+        if color:  # colour each line separately so a newline never carries a colour across
+            c = GREEN if tok["trained"] else RED
+            parts.append("\n".join(c + x + RESET if x else x for x in piece.split("\n")))
         else:
             parts.append(f"[{piece}]" if tok["trained"] else piece)
     return "".join(parts)
