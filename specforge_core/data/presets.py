@@ -1,0 +1,283 @@
+"""Dataset presets: public chat datasets, where they live on the hub, and how their rows become ours.
+
+A `Preset` is a hub id, a split and a converter `source row -> row` (our schema, or close enough for
+`schema.normalize_row`, which runs after it). They sit in `PRESETS`; a new one is a few lines:
+
+    register(Preset("mydata", "org/mydata", "train", convert=lambda r: {...},
+                    detect=lambda r: "my_field" in r))
+
+`detect` lets `--input` files in a preset's *source* schema be recognised row by row
+(`auto_convert`), so a user can pass a downloaded Daring-Anteater file without naming the preset.
+
+`iter_source_records(preset, source_path)` yields `(file, line, record)` for `readers.normalize_records`:
+from `source_path` (a file or a directory of JSON / JSONL / Parquet, read by our streaming readers, so
+one bad row is skipped and reported rather than aborting, as `datasets`' JSON builder would; or a
+`save_to_disk` directory, through `datasets`), or else from the hub id through the local Hugging Face
+cache with `datasets.load_dataset(..., streaming=True)`. When the source is neither local nor cached
+and the hub cannot be reached, it fails at once with a message that says to pass `--source-path`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlparse
+
+from .readers import DEFAULT_MAX_ROW_BYTES, expand_paths, iter_records
+from .schema import CONVERSATION_KEYS, RowError, row_id
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hub_id: str
+    split: str
+    convert: Callable[[dict], dict]
+    detect: Callable[[dict], bool] = field(default=lambda r: False)
+    hub_config: Optional[str] = None
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register(preset: Preset) -> Preset:
+    PRESETS[preset.name] = preset
+    return preset
+
+
+def get_preset(name: str) -> Preset:
+    key = name.strip().lower().replace("_", "-")
+    if key not in PRESETS:
+        raise ValueError(f"unknown dataset preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# Converters (defensive: a row that does not fit raises RowError, counted and skipped)
+# ------------------------------------------------------------------------------------------------
+def _turns(row: dict, *keys: str) -> list:
+    for k in keys:
+        if k in row:
+            v = row[k]
+            if not isinstance(v, list):
+                raise RowError("bad_turn", f"'{k}' is a {type(v).__name__}, expected a list of turns")
+            return v
+    raise RowError("missing_field", f"row has none of {list(keys)}; its fields are {sorted(row)[:8]}")
+
+
+def _role(t: Any) -> str:
+    if isinstance(t, dict):
+        r = t.get("role", t.get("from"))
+        if isinstance(r, str):
+            return r.strip().lower()
+    return ""
+
+
+def _with_id(row: dict, rid: Any, conv: list) -> dict:
+    if rid is None or (isinstance(rid, str) and not rid.strip()):
+        rid = row_id(row)  # content hash: stable, so dedup and the eval split stay put across runs
+    return {"id": rid, "conversations": conv}
+
+
+def convert_ultrachat(row: dict) -> dict:
+    """HuggingFaceH4/ultrachat_200k: `prompt`, `prompt_id`, `messages` [{role, content}]."""
+    return _with_id(row, row.get("prompt_id", row.get("id")), _turns(row, "messages", "conversations"))
+
+
+def convert_sharegpt(row: dict) -> dict:
+    """ShareGPT (Vicuna-unfiltered style): `id`, `conversations` [{from: human|gpt|system, value}].
+    Leading assistant turns (the scrape often starts mid-chat with a `gpt` turn) are dropped: with no
+    prompt before them they teach the draft nothing about answering one."""
+    conv = list(_turns(row, "conversations", "messages"))
+    start = 1 if conv and _role(conv[0]) == "system" else 0
+    while len(conv) > start and _role(conv[start]) in ("gpt", "assistant", "chatgpt", "bard", "bing", "model"):
+        del conv[start]
+    return _with_id(row, row.get("id"), conv)
+
+
+def convert_perfectblend(row: dict) -> dict:
+    """mlabonne/open-perfectblend: `conversations` [{from, value}], `source`; no id (content hash)."""
+    return _with_id(row, row.get("id"), _turns(row, "conversations"))
+
+
+def convert_daring_anteater(row: dict) -> dict:
+    """nvidia/Daring-Anteater: `system` string, `mask`, `conversations` [{from: User|Assistant, value}].
+    The top-level `system` becomes a system turn; `mask` (which side to train on) is not needed:
+    our loss mask always trains on assistant turns."""
+    conv = list(_turns(row, "conversations"))
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and not (conv and _role(conv[0]) == "system"):
+        conv.insert(0, {"role": "system", "content": system})
+    return _with_id(row, row.get("id"), conv)
+
+
+def convert_magpie(row: dict) -> dict:
+    """Magpie-Align (e.g. Magpie-Llama-3.1-Pro-300K-Filtered): `uuid`, `conversations` [{from: human|gpt,
+    value}]; some variants carry one `instruction` / `response` pair instead."""
+    rid = row.get("uuid", row.get("id"))
+    if any(k in row for k in CONVERSATION_KEYS):
+        return _with_id(row, rid, _turns(row, *CONVERSATION_KEYS))
+    if "instruction" in row and "response" in row:
+        return _with_id(row, rid, [{"role": "user", "content": row["instruction"]},
+                                   {"role": "assistant", "content": row["response"]}])
+    raise RowError("missing_field", f"magpie row has neither 'conversations' nor 'instruction'/'response'; "
+                   f"its fields are {sorted(row)[:8]}")
+
+
+def _has_conv(r: dict) -> bool:
+    return isinstance(r.get("conversations"), list)
+
+
+register(Preset(
+    "ultrachat", "HuggingFaceH4/ultrachat_200k", "train_sft", convert_ultrachat,
+    detect=lambda r: "prompt_id" in r and "messages" in r,
+    description="UltraChat 200k (SFT split): multi-turn chats generated by ChatGPT"))
+register(Preset(
+    "sharegpt", "Aeala/ShareGPT_Vicuna_unfiltered", "train", convert_sharegpt,
+    detect=lambda r: _has_conv(r) and "id" in r and "source" not in r and "uuid" not in r,
+    description="ShareGPT conversations (Vicuna unfiltered)"))
+register(Preset(
+    "perfectblend", "mlabonne/open-perfectblend", "train", convert_perfectblend,
+    detect=lambda r: _has_conv(r) and "source" in r and "system" not in r,
+    description="Open-PerfectBlend: a 1.4 M-row mix of chat, math, code and instruction data"))
+register(Preset(
+    "daring-anteater", "nvidia/Daring-Anteater", "train", convert_daring_anteater,
+    detect=lambda r: _has_conv(r) and isinstance(r.get("system"), str),
+    description="NVIDIA Daring-Anteater: instruction data with a per-row system prompt"))
+register(Preset(
+    "magpie", "Magpie-Align/Magpie-Llama-3.1-Pro-300K-Filtered", "train", convert_magpie,
+    detect=lambda r: "uuid" in r or ("instruction" in r and "response" in r and not _has_conv(r)),
+    description="Magpie Llama-3.1 Pro 300K (filtered): self-synthesised instructions and answers"))
+
+# Which preset's converter to try first when a row's schema is guessed: the most specific signals first.
+_DETECT_ORDER = ("daring-anteater", "magpie", "ultrachat", "perfectblend", "sharegpt")
+
+
+def detect_preset(row: Any) -> Optional[Preset]:
+    """The preset whose source schema `row` looks like, or None (our own schema, or unknown)."""
+    if not isinstance(row, dict):
+        return None
+    if _has_conv(row) and row["conversations"] and all(
+            isinstance(t, dict) and "role" in t for t in row["conversations"]) and "system" not in row:
+        return None  # already our schema
+    for name in _DETECT_ORDER:
+        p = PRESETS.get(name)
+        if p is not None and p.detect(row):
+            return p
+    for p in PRESETS.values():  # presets registered later
+        if p.name not in _DETECT_ORDER and p.detect(row):
+            return p
+    return None
+
+
+def auto_convert(row: dict) -> dict:
+    """Convert a row from whichever preset source schema it matches; rows in our schema pass through.
+    Only conversions that change meaning are applied (a top-level system prompt, Magpie's uuid and
+    instruction/response); ShareGPT `from`/`value` turns are left to `normalize_row`."""
+    p = detect_preset(row)
+    if p is None or p.name == "sharegpt":
+        # Dropping leading assistant turns is right for a ShareGPT scrape, not for a user's own file.
+        return row
+    return p.convert(row)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+class SourceUnavailable(FileNotFoundError):
+    """A preset's data is neither local nor in the Hugging Face cache, and the hub cannot be reached."""
+
+
+def _hf_cache_dirs(hub_id: str) -> list[Path]:
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE", os.environ.get("HUGGINGFACE_HUB_CACHE", home / "hub")))
+    ds_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets"))
+    org_name = hub_id.replace("/", "--")
+    return [hub_cache / f"datasets--{org_name}", ds_cache / hub_id.replace("/", "___")]
+
+
+def is_cached(preset: Preset) -> bool:
+    return any(d.exists() for d in _hf_cache_dirs(preset.hub_id))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _unavailable(preset: Preset, why: str) -> SourceUnavailable:
+    return SourceUnavailable(
+        f"dataset preset {preset.name!r}: {preset.hub_id} (split {preset.split}) is not available: {why}. "
+        f"Download it where the hub is reachable (e.g. `huggingface-cli download --repo-type dataset "
+        f"{preset.hub_id} --local-dir DIR`) and pass --source-path DIR (a file or a directory of "
+        f"JSON / JSONL / Parquet files).")
+
+
+def iter_source_records(preset: Preset, source_path: Optional[str] = None,
+                        max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[tuple[str, int, Any]]:
+    """`(file, line, record)` for a preset's source rows (see the module docstring). Raises
+    FileNotFoundError / SourceUnavailable before yielding when the source cannot be opened."""
+    if source_path:
+        p = Path(source_path)
+        if p.is_dir() and (p / "dataset_info.json").exists() and (p / "state.json").exists():
+            return _iter_saved_dataset(p, preset)
+        files = expand_paths([p])
+        return ((str(f), line, obj) for f in files for line, obj in iter_records(f, max_row_bytes))
+    cached = is_cached(preset)
+    if not cached and not _hub_reachable():
+        raise _unavailable(preset, "it is not in the local Hugging Face cache "
+                           f"({', '.join(str(d) for d in _hf_cache_dirs(preset.hub_id))}) and the hub "
+                           "cannot be reached")
+    return _iter_hub(preset, offline=cached and not _hub_reachable(timeout=1.0))
+
+
+def _iter_saved_dataset(path: Path, preset: Preset) -> Iterator[tuple[str, int, Any]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        split = preset.split if preset.split in ds else next(iter(ds))
+        ds = ds[split]
+    for i, rec in enumerate(ds, 1):
+        yield str(path), i, rec
+
+
+def _iter_hub(preset: Preset, offline: bool) -> Iterator[tuple[str, int, Any]]:
+    if offline:
+        # datasets reads these at import; set them for a first import and patch a module already loaded.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import datasets
+
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = True
+        try:
+            import huggingface_hub.constants as hc
+
+            hc.HF_HUB_OFFLINE = True
+        except Exception:  # noqa: BLE001 - only a hint to huggingface_hub
+            pass
+    try:
+        ds = datasets.load_dataset(preset.hub_id, preset.hub_config, split=preset.split, streaming=True)
+        it = iter(ds)
+        first = next(it, None)
+    except Exception as e:  # noqa: BLE001 - any failure to open the source gets the same advice
+        raise _unavailable(preset, f"loading it with `datasets` failed ({type(e).__name__}: {e})") from None
+    if first is None:
+        return
+    label = f"hf://{preset.hub_id}/{preset.split}"
+    yield label, 1, first
+    for i, rec in enumerate(it, 2):
+        yield label, i, rec
