@@ -1,0 +1,32 @@
+"""The workbench's tabs: one module per tab, listed here in display order.
+
+Each module named in `TAB_MODULES` exposes `TITLE` (the tab label) and `build(ctx)`, which adds its
+components and events inside an open `gr.Tab`. Handlers live in the module as plain functions so
+they are testable without a browser; they call `specforge_core` and never the reverse. A new tab
+is one new module plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+TAB_MODULES: list[str] = [
+    "mask_tab",
+]
+
+
+@dataclass
+class TabContext:
+    """What every tab gets: the workspace root (the only directory it may read or write) and the app."""
+
+    workspace: Path
+    app: Any = None  # the enclosing gr.Blocks, for page-load events
+    extras: dict = field(default_factory=dict)
+
+
+def load_tabs() -> list[ModuleType]:
+    return [importlib.import_module(f"{__name__}.{name}") for name in TAB_MODULES]
