@@ -1,0 +1,202 @@
+"""The online EAGLE3 trainer end to end: metrics, checkpoints, SIGKILL + resume, torchrun on gloo,
+export of the result, and a real run on SmolLM2 whose loss falls and acc_0 rises."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_llama_config
+from specforge_core.events import null_events, read_events
+
+ROOT = Path(__file__).resolve().parents[1]
+CITIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
+          ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Norway", "Oslo"), ("Cuba", "Havana")]
+
+
+def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
+    """Small, regular chat data written for these tests (a draft can learn it in a few dozen steps)."""
+    rnd = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            country, city = rnd.choice(CITIES)
+            a, b = rnd.randint(2, 40), rnd.randint(2, 40)
+            turns = [{"role": "user", "content": f"What is the capital of {country}?"},
+                     {"role": "assistant", "content": f"The capital of {country} is {city}. It is a large city "
+                                                      f"and the seat of the government of {country}."}]
+            if i % 2:
+                turns += [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+            f.write(json.dumps({"id": f"row{i}", "conversations": turns}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    """A random 8-layer Llama with SmolLM2's real tokenizer (vocab 49152), saved as a local HF folder."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from specforge_core.targets import load_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_target")
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(vocab_size=49152, hidden_size=32, num_hidden_layers=8)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 2
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    load_tokenizer("default").save_pretrained(d)
+    return d
+
+
+def base_args(target: Path, data: Path, out: Path, cache: Path, **kw) -> dict:
+    args = dict(target_model=str(target), train_data=[str(data)], chat_template="chatml", max_length=128,
+                draft_vocab_size=512, ttt_length=3, lr=3e-3, batch_size=2, epochs=2, output_dir=str(out),
+                cache_dir=str(cache), num_proc=1, warmup_ratio=0.1, seed=3, device="cpu")
+    args.update(kw)
+    return args
+
+
+def to_argv(args: dict) -> list[str]:
+    argv = []
+    for k, v in args.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            argv += [flag, *map(str, v)]
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_events(run_dir / "metrics.jsonl") if r.get("split") == "train"]
+
+
+@pytest.mark.unit
+def test_train_tiny_target_writes_metrics_checkpoint_and_exports(tmp_path, tiny_target):
+    from specforge_core.training.config import TrainConfig
+    from specforge_core.training.export import CheckDraftConfig, ExportConfig, check_draft, export_draft
+    from specforge_core.training.trainer import train
+
+    data = write_conversations(tmp_path / "train.jsonl", 24)
+    ev = write_conversations(tmp_path / "eval.jsonl", 6, seed=1)
+    cfg = TrainConfig(**base_args(tiny_target, data, tmp_path / "run", tmp_path / "cache",
+                                  eval_data=[str(ev)], eval_every=6))
+    out = train(cfg, null_events())
+    assert out["steps"] == 24  # 24 samples / batch 2 * 2 epochs
+    rows = train_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    for k in ("loss", "acc_0", "acc_2", "ploss_0", "sim_accept_len", "lr", "grad_norm"):
+        assert k in rows[0]
+    evals = [r for r in read_events(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "eval"]
+    assert len(evals) >= 4 and evals[-1]["samples"] == 6
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["kind"] == "train-eagle3" and run["config"]["ttt_length"] == 3
+    # export the result and check it against the target
+    res = export_draft(ExportConfig(checkpoint=str(tmp_path / "run"), output=str(tmp_path / "serve"),
+                                    target=str(tiny_target)), null_events())
+    assert (tmp_path / "serve" / "model.safetensors").exists()
+    chk = check_draft(CheckDraftConfig(path=str(tmp_path / "serve"), target=str(tiny_target)), null_events())
+    assert chk["ok"], chk["problems"]
+    assert res
+
+
+@pytest.mark.unit
+def test_train_refuses_existing_run_without_resume(tmp_path, tiny_target):
+    from specforge_core.training.config import TrainConfig
+    from specforge_core.training.trainer import train
+
+    data = write_conversations(tmp_path / "train.jsonl", 8)
+    args = base_args(tiny_target, data, tmp_path / "run", tmp_path / "cache", max_steps=2, epochs=1)
+    train(TrainConfig(**args), null_events())
+    with pytest.raises(ValueError, match="--resume"):
+        train(TrainConfig(**args), null_events())
+
+
+def _run_cli(args: dict, extra_env: dict | None = None, wait: bool = True, launcher: list[str] | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
+    cmd = (launcher or [sys.executable, "-m", "specforge_core"]) + ["train", "--quiet", *to_argv(args)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_sigkill_and_resume_reproduces_the_uninterrupted_curve(tmp_path, tiny_target):
+    data = write_conversations(tmp_path / "train.jsonl", 24)
+    ref = base_args(tiny_target, data, tmp_path / "ref", tmp_path / "cache", save_every=3, keep_last=2)
+    _run_cli(ref)
+    ref_rows = train_rows(tmp_path / "ref")
+    assert len(ref_rows) == 24
+
+    run = {**ref, "output_dir": str(tmp_path / "run")}
+    p = _run_cli(run, wait=False)
+    # SIGKILL as soon as a checkpoint past step 6 exists (mid-epoch 1 or later)
+    ck = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        done = [d for d in ck.glob("step_*") if (d / "COMPLETE").exists()] if ck.exists() else []
+        if any(int(d.name.split("_")[1]) >= 6 for d in done):
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_at = len(train_rows(tmp_path / "run"))
+    assert 6 <= killed_at < 24
+    _run_cli({**run, "resume": True})
+    rows = train_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    for a, b in zip(rows, ref_rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert a["acc_0"] == pytest.approx(b["acc_0"], abs=1e-6)
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_torchrun_two_processes_on_gloo(tmp_path, tiny_target):
+    data = write_conversations(tmp_path / "train.jsonl", 16)
+    args = base_args(tiny_target, data, tmp_path / "run", tmp_path / "cache", epochs=1, batch_size=2)
+    # build the cache first so both ranks only load it (rank 0 builds, others wait at a barrier anyway)
+    _run_cli(args, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(29500 + os.getpid() % 1000), "-m", "specforge_core"])
+    rows = train_rows(tmp_path / "run")
+    # 16 samples / 2 ranks / batch 2 = 4 steps, each logged once (rank 0), with counts pooled over ranks
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["world_size"] == 2
+    assert (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_smollm2_short_online_run_learns(tmp_path, default_model_dir):
+    from specforge_core.training.config import TrainConfig
+    from specforge_core.training.trainer import train
+
+    data = write_conversations(tmp_path / "train.jsonl", 64)
+    cfg = TrainConfig(target_model="default", train_data=[str(data)], chat_template="chatml", max_length=96,
+                      draft_vocab_size=2048, ttt_length=3, lr=2e-3, batch_size=2, epochs=4, max_steps=30,
+                      warmup_ratio=0.05, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                      num_proc=1, device="cpu")
+    train(cfg, null_events())
+    rows = train_rows(tmp_path / "run")
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    acc_first = sum(r["acc_0"] for r in rows[:3]) / 3
+    acc_last = sum(r["acc_0"] for r in rows[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert acc_last > acc_first + 0.2, (acc_first, acc_last)
