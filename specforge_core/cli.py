@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_ui(ns)
     cmd: Command = ns._command
     try:
-        cfg = config_from_args(_resolve(cmd.config), ns, ns._config_file)
+        cfg = config_from_args(_resolve(cmd.config), ns, getattr(ns, "_config_file", None))
     except ConfigError as e:
         print(f"specforge-wb {cmd.name}: {e}", file=sys.stderr)
         return 2

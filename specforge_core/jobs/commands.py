@@ -1,0 +1,69 @@
+"""CLI row for the background-jobs registry: `specforge-wb jobs [list|show|tail|cancel|resume] [JOB_ID]`.
+
+The same registry the GUI's Jobs tab reads, for a terminal or a script on the machine that runs the
+jobs (e.g. to cancel a training job started from the browser, over ssh).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from ..cli import Command
+from ..config import JobConfig
+from ..events import Events
+
+
+class JobsConfig(JobConfig):
+    """List, inspect, cancel or resume the background jobs of a workspace."""
+
+    _positional = ("action", "job_id")
+
+    action: Literal["list", "show", "tail", "cancel", "resume"] = Field(
+        "list", description="list: every job; show: one job's row and latest progress; tail: its log; "
+        "cancel: SIGTERM its processes (SIGKILL after --timeout); resume: start a job that continues it")
+    job_id: Optional[str] = Field(None, description="the job (for show, tail, cancel, resume)")
+    workspace: str = Field("workspace", description="workspace root holding jobs/jobs.db")
+    status: Optional[str] = Field(None, description="list: only jobs with this status")
+    limit: int = Field(50, ge=1, description="list: at most this many jobs, newest first")
+    lines: int = Field(40, ge=1, description="tail: number of log lines")
+    timeout: float = Field(30.0, gt=0, description="cancel: seconds to wait before SIGKILL")
+
+    @model_validator(mode="after")
+    def _need_id(self) -> "JobsConfig":
+        if self.action != "list" and not self.job_id:
+            raise ValueError(f"`jobs {self.action}` needs a JOB_ID (see `specforge-wb jobs list`)")
+        return self
+
+
+def _row(job) -> dict:
+    return {"id": job.id, "kind": job.kind, "status": job.status, "exit_code": job.exit_code,
+            "duration_s": job.duration_s, "nproc": job.nproc, "job_dir": job.job_dir, "message": job.message}
+
+
+def jobs_command(cfg: JobsConfig, events: Events) -> dict:
+    from .runner import JobRunner
+
+    r = JobRunner(cfg.workspace)
+    try:
+        if cfg.action == "list":
+            return {"jobs": [_row(j) for j in r.list_jobs(status=cfg.status, limit=cfg.limit)]}
+        job = r.get(cfg.job_id)
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
+    if cfg.action == "show":
+        return {**job.to_dict(), "progress": r.progress(job.id)}
+    if cfg.action == "tail":
+        return {"id": job.id, "status": job.status, "log": r.log_tail(job.id, cfg.lines)}
+    if cfg.action == "cancel":
+        events.emit("cancelling", id=job.id, timeout=cfg.timeout)
+        return _row(r.cancel(job.id, timeout=cfg.timeout))
+    new = r.resume(job.id)
+    return {**_row(new), "resumed_from": job.id}
+
+
+COMMANDS = [
+    Command("jobs", "jobs.commands:JobsConfig", "jobs.commands:jobs_command",
+            "list, show, tail, cancel or resume background jobs (the GUI's job registry)"),
+]
