@@ -53,6 +53,7 @@ class Events:
         self._last_progress: dict[str, float] = {}
         self._progress_start: dict[str, tuple[float, float]] = {}
         self._cancelled = threading.Event()
+        self._t0 = time.time()
 
     # -- writing -------------------------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> dict:
@@ -74,7 +75,8 @@ class Events:
                  **fields: Any) -> dict | None:
         """Report progress; rate limited to one record per `progress_interval` unless forced."""
         now = time.time()
-        start = self._progress_start.setdefault(what, (now, done))
+        # a first report can already be the last one: measure its rate from when the sink was made
+        start = self._progress_start.setdefault(what, (self._t0, 0) if done else (now, done))
         if not force and now - self._last_progress.get(what, 0.0) < self.progress_interval \
                 and (total is None or done < total):
             return None
@@ -93,8 +95,10 @@ class Events:
             total = rest.get("total")
             pct = f" {100 * rest['done'] / total:5.1f}%" if total else ""
             eta = f" eta {rest['eta_s']:.0f}s" if rest.get("eta_s") is not None else ""
+            extra = " ".join(f"{k}={v}" for k, v in rest.items()
+                             if k not in ("what", "done", "total", "rate", "eta_s"))
             return f"[progress] {rest.get('what')}: {rest['done']}/{total or '?'}{pct} " \
-                   f"({rest.get('rate', 0):.1f}/s){eta}"
+                   f"({rest.get('rate', 0):.1f}/s){eta}" + (f" {extra}" if extra else "")
         if ev == "warning":
             msg = rest.pop("message", "")
             extra = " ".join(f"{k}={v}" for k, v in rest.items())
