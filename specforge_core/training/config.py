@@ -36,7 +36,7 @@ class TrainConfig(JobConfig):
                                                "(default [1, L//2-1, L-4])")
     ttt_length: int = Field(7, ge=1, le=32, description="training-time-test unroll length")
     ttt_decay: float = Field(0.8, gt=0.0, le=1.0, description="weight of step k is decay**k")
-    attention_backend: Literal["sdpa", "flex"] = Field("sdpa", description="draft attention kernel "
+    attention_backend: Literal["sdpa", "flex", "eager"] = Field("sdpa", description="draft attention kernel "
                                                        "(flex needs a GPU)")
 
     # -- optimisation ------------------------------------------------------------------------------

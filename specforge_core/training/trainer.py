@@ -70,9 +70,111 @@ class OnlineTeacher:
         self.target = target
 
     @torch.no_grad()
-    def __call__(self, batch: Batch):
+    def __call__(self, batch: Batch, split: str = "train"):
         out = self.target.capture(batch.input_ids, batch.attention_mask)
         return out.aux_hidden, out.logits
+
+
+class OfflineTeacher:
+    """A hidden-state store in place of the target: aux states read from disk, logits recomputed from the
+    stored last hidden state with the target's lm_head (zero rows where the TTT never counts)."""
+
+    def __init__(self, head, sources: dict, device: torch.device, dtype: torch.dtype):
+        self.head = head
+        self.sources = sources      # split -> (HiddenStateStore, row map of the (sub)dataset or None)
+        self.device = device
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch, split: str = "train"):
+        store, rows = self.sources[split]
+        idx = [rows[i] for i in batch.indices] if rows is not None else list(batch.indices)
+        lengths = [int(x) for x in batch.attention_mask.sum(1).tolist()]
+        aux, last = store.batch(split, idx, batch.input_ids.shape[1], dtype=self.dtype, lengths=lengths)
+        last = last.to(self.device)
+        return aux.to(self.device), self.head.logits_from_hidden(last)
+
+
+def _store_rows(store, split: str, n: int, where: str) -> list[int] | None:
+    """Rows of a split the store holds; None when it holds all n. Missing rows that the dump did not
+    skip on purpose (non-finite states) mean an unfinished dump: refused."""
+    have = set(store.indices(split))
+    if len(have) == n and all(i in have for i in range(n)):
+        return None
+    skipped = {int(i) for r in store.records if r["split"] == split for i in r.get("skipped", [])}
+    missing = [i for i in range(n) if i not in have and i not in skipped]
+    if missing:
+        raise ValueError(f"{where}: the {split} split has {len(have)} of {n} samples stored ({len(missing)} "
+                         f"missing, e.g. {missing[:5]}): the dump is unfinished; run dump-hidden-states again")
+    return sorted(have)
+
+
+def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bool):
+    """(target head, teacher, data, train dataset, train row map, eval source) for offline training.
+
+    The target's decoder weights are never loaded: only its config, embedding and lm_head. The store
+    must come from this target (weights hash), these layers and this tokenised cache."""
+    from ..config import read_run_json
+    from ..offline.store import HiddenStateStore, StoreError, TargetHead, check_store_matches, target_identity
+
+    store = HiddenStateStore(cfg.train_hidden_states)
+    run = store.run
+    where = str(store.dir)
+    name = cfg.target_model if "target_model" in cfg.model_fields_set else run["target"]["resolved"]
+    ident = target_identity(name)
+    check_store_matches(run, target=ident, where=where)
+    if cfg.aux_layer_ids is not None:
+        check_store_matches(run, layer_ids=cfg.aux_layer_ids, where=where)
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    head = TargetHead(name, dtype=dtype, device=info.device, layer_ids=run["layer_ids"],
+                      pad_token_id=run.get("pad_token_id"))
+    check_store_matches(run, vocab_size=head.vocab_size, where=where)
+    dump_cfg = run.get("config") or {}
+    if cfg.train_data:
+        data = prepare_data(cfg.model_copy(update={"target_model": name}), info, events, head.vocab_size)
+    elif dump_cfg.get("train_data"):
+        # The dump's own data fields find the same cache (and rebuild only the vocab if its size differs).
+        upd = {k: dump_cfg[k] for k in ("train_data", "eval_data", "chat_template", "max_length",
+                                        "train_only_last_turn", "cache_dir") if k in dump_cfg}
+        upd["tokenizer"] = dump_cfg.get("tokenizer") or dump_cfg.get("target_model") or name
+        data = prepare_data(cfg.model_copy(update={"target_model": name, **upd}), info, events, head.vocab_size)
+    else:
+        from ..data.cache import load_cache
+
+        data = load_cache(run["cache_path"])
+        want = min(cfg.draft_vocab_size, head.vocab_size)
+        if data.vocab.draft_vocab_size != want:
+            raise StoreError(f"{where}: its cache {data.path} has a draft vocab of {data.vocab.draft_vocab_size}, "
+                             f"this run asks for {want}: pass --draft-vocab-size {data.vocab.draft_vocab_size} "
+                             "or rebuild the cache with build-cache")
+    key = read_run_json(data.path, expect_kind="build-cache")["key"]
+    check_store_matches(run, cache_key=key, where=where)
+    train_rows = _store_rows(store, "train", len(data.train), where)
+    train_ds = data.train if train_rows is None else data.train.select(train_rows)
+    if train_rows is not None:
+        events.warning(f"{where}: {len(data.train) - len(train_rows)} train sample(s) were skipped by the dump "
+                       "(non-finite states); training on the rest")
+    sources = {"train": (store, train_rows)}
+    eval_ds = None
+    if data.eval is not None and len(data.eval):
+        ev_store = HiddenStateStore(cfg.eval_hidden_states) if cfg.eval_hidden_states else store
+        if cfg.eval_hidden_states:
+            check_store_matches(ev_store.run, target=ident, cache_key=key, vocab_size=head.vocab_size,
+                                layer_ids=run["layer_ids"], where=str(ev_store.dir))
+        cand = range(min(len(data.eval), cfg.eval_max_samples))
+        rows = [i for i in cand if ev_store.exists("eval", i)]
+        if rows:
+            if len(rows) < len(cand):
+                events.warning(f"{ev_store.dir}: {len(cand) - len(rows)} eval sample(s) not in the store; "
+                               "evaluating on the rest")
+            eval_ds = data.eval.select(rows)
+            sources["eval"] = (ev_store, rows)
+        else:
+            events.warning(f"{ev_store.dir}: holds no eval split; offline training runs without evaluation")
+    teacher = OfflineTeacher(head, sources, info.device, dtype)
+    events.emit("offline_store", path=where, format=run.get("format"), target=ident["resolved"],
+                train_samples=len(train_ds), eval_samples=len(eval_ds) if eval_ds is not None else 0)
+    return head, teacher, data, train_ds, eval_ds
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,11 +203,14 @@ def train(cfg: TrainConfig, events: Events) -> dict:
 
     # -- target and data ---------------------------------------------------------------------------
     if cfg.train_hidden_states:
-        raise ValueError("offline training (--train-hidden-states) is not available yet")
-    target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32,
-                         device=info.device, layer_ids=cfg.aux_layer_ids)
-    teacher = OnlineTeacher(target)
-    data = prepare_data(cfg, info, events, target.vocab_size)
+        target, teacher, data, train_ds, eval_ds = setup_offline(cfg, info, events, use_bf16)
+    else:
+        target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32,
+                             device=info.device, layer_ids=cfg.aux_layer_ids)
+        teacher = OnlineTeacher(target)
+        data = prepare_data(cfg, info, events, target.vocab_size)
+        train_ds = data.train
+        eval_ds = None if data.eval is None else data.eval.select(range(min(len(data.eval), cfg.eval_max_samples)))
     vocab = data.vocab
     if vocab.target_vocab_size != target.vocab_size:
         raise ValueError(f"the draft vocab in {data.path} maps a target vocab of {vocab.target_vocab_size} ids, "
@@ -125,7 +230,7 @@ def train(cfg: TrainConfig, events: Events) -> dict:
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
-    batches = EpochBatches(data.train, cfg.batch_size, cfg.seed, info.rank, info.world_size,
+    batches = EpochBatches(train_ds, cfg.batch_size, cfg.seed, info.rank, info.world_size,
                            pad_id=target.pad_token_id)
     steps_per_epoch = max(1, math.ceil(batches.batches_per_epoch() / cfg.grad_accum))
     total_steps = steps_per_epoch * cfg.epochs
@@ -156,15 +261,16 @@ def train(cfg: TrainConfig, events: Events) -> dict:
             events.emit("resumed", checkpoint=str(last), step=step, epoch=epoch, micro=micro)
     if info.is_main:
         write_run_json(run_dir, "train-eagle3", cfg, draft_config=draft_config.to_dict(), cache=str(data.path),
-                       world_size=info.world_size)
+                       world_size=info.world_size, mode="offline" if cfg.train_hidden_states else "online")
 
     autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
 
-    def run_ttt(batch: Batch):
-        aux, logits = teacher(batch)
+    def run_ttt(batch: Batch, split: str = "train"):
+        aux, logits = teacher(batch, split)
         with autocast:
             return ttt_forward(draft, batch.input_ids, aux, logits, batch.loss_mask, batch.attention_mask,
-                               ttt_length=cfg.ttt_length, decay=cfg.ttt_decay)
+                               ttt_length=cfg.ttt_length, decay=cfg.ttt_decay,
+                               attention_backend=cfg.attention_backend)
 
     def checkpoint(reason: str) -> None:
         save_checkpoint(run_dir, step, draft.state_dict(), opt, sched,
@@ -174,9 +280,9 @@ def train(cfg: TrainConfig, events: Events) -> dict:
         events.emit("checkpoint", step=step, reason=reason)
 
     def evaluate() -> dict | None:
-        if data.eval is None or len(data.eval) == 0:
+        if eval_ds is None or len(eval_ds) == 0:
             return None
-        ds = data.eval.select(range(min(len(data.eval), cfg.eval_max_samples)))
+        ds = eval_ds
         if len(ds) < info.world_size:
             return None
         ev = EpochBatches(ds, cfg.batch_size, cfg.seed, info.rank, info.world_size, shuffle=False,
@@ -186,7 +292,7 @@ def train(cfg: TrainConfig, events: Events) -> dict:
         draft.eval()
         with torch.no_grad():
             for _, b in ev.iter_epoch(0):
-                out = run_ttt(b.to(info.device))
+                out = run_ttt(b.to(info.device), "eval")
                 for k in range(K):
                     sums[k] += out.ploss[k] * out.counts[k]
                     sums[K + k] += out.acc[k] * out.counts[k]
@@ -209,7 +315,7 @@ def train(cfg: TrainConfig, events: Events) -> dict:
     K = cfg.ttt_length
     last_eval = None
     events.emit("train_plan", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                train_samples=len(data.train), eval_samples=len(data.eval) if data.eval is not None else 0,
+                train_samples=len(train_ds), eval_samples=len(eval_ds) if eval_ds is not None else 0,
                 draft_vocab_size=vocab.draft_vocab_size, vocab_coverage=vocab.coverage)
     tok_count, t_log = 0, time.time()
     try:

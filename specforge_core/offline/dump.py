@@ -1,0 +1,294 @@
+"""The dump job: run the target once over a tokenised cache and keep what EAGLE3 needs in a store.
+
+`dump_hidden_states(cfg, events)` (CLI `dump-hidden-states`) builds or finds the tokenised cache
+exactly as the trainer does (same key, so online and offline runs see the same samples), emits the
+size estimate and the free disk *before* it loads the target, refuses to start when the estimate does
+not fit (unless `--force`), then runs the target over the samples sorted by length (batches bounded
+by `batch_tokens`), checks each sample's states are finite (non-finite ones are reported and
+skipped), and appends them to the store (`offline.store.StoreWriter`), one atomically committed shard
+at a time. A crash or SIGKILL loses at most the shard in flight: running the same command again skips
+every committed sample. `--estimate` stops after the estimate; `--repair` drops corrupt or truncated
+shards and redoes their samples.
+
+`estimate-dump` is the same estimate as its own command (no target weights are loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+
+from ..config import BuildCacheConfig, JobConfig, read_run_json, write_run_json
+from ..events import Events, JobCancelled
+from .store import (STORE_FORMAT, STORE_KIND, StoreError, StoreWriter, bytes_per_token, estimate_bytes,
+                    human_bytes, specforge_bytes_per_token, target_identity, teacher_positions)
+
+# Fault injection for crash tests: seconds to sleep after each forward batch.
+_SLEEP_ENV = "SPECFORGE_DUMP_SLEEP"
+
+
+class DumpConfig(JobConfig):
+    """Dump a target's hidden states for a dataset into a compact, crash-safe store for offline training."""
+
+    target_model: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), "
+                              "a local HF directory, or a hub id")
+    output: str = Field("workspace/hidden_states", description="store directory (resumes if it exists)")
+    cache: Optional[str] = Field(None, description="a finished tokenised cache directory (from build-cache); "
+                                 "or give --train-data and it is built / found like the trainer does")
+    train_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for training")
+    eval_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for evaluation")
+    tokenizer: Optional[str] = Field(None, description="tokenizer (default: the target's)")
+    chat_template: str = Field("auto", description="chat template name or `auto`")
+    max_length: int = Field(2048, ge=8, description="max tokens per sample")
+    train_only_last_turn: bool = Field(False, description="train only on the last assistant turn")
+    cache_dir: str = Field("workspace/cache", description="tokenised-cache root")
+    num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="tokenising processes")
+    draft_vocab_size: int = Field(32000, ge=1, description="draft vocabulary size built with the cache")
+    aux_layer_ids: Optional[list[int]] = Field(None, description="target layers to capture "
+                                               "(default [1, L//2-1, L-4])")
+    format: Literal["bfloat16", "float16", "float32", "fp8_e4m3"] = Field(
+        "bfloat16", description="storage of the captured states: bfloat16 (default), float16, float32 (exact, "
+        "2x the bytes), fp8_e4m3 (aux states in fp8 with per-row scales, last hidden state in bf16; lossy)")
+    batch_tokens: int = Field(8192, ge=8, description="max padded tokens per target forward")
+    max_batch_size: int = Field(64, ge=1, description="max samples per target forward")
+    shard_mb: float = Field(256.0, gt=0, description="target size of one shard file (MiB)")
+    splits: list[Literal["train", "eval"]] = Field(["train", "eval"], description="splits to dump (eval only "
+                                                   "when the data has one)")
+    target_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="the target's compute "
+                                                                 "dtype (auto: bf16 on GPU, fp32 on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the target runs")
+    estimate: bool = Field(False, description="only print the disk estimate and stop")
+    force: bool = Field(False, description="start even when the estimate exceeds the free disk")
+    repair: bool = Field(False, description="drop corrupt / truncated shards (crc32 checked) and redo them")
+
+
+class EstimateDumpConfig(DumpConfig):
+    """The disk a dump-hidden-states run will need, before it starts (no target weights are loaded)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces
+# ------------------------------------------------------------------------------------------------
+def cache_config(cfg) -> BuildCacheConfig:
+    """The BuildCacheConfig the trainer would use for these fields (so both find the same cache)."""
+    return BuildCacheConfig(
+        tokenizer=cfg.tokenizer or cfg.target_model, chat_template=cfg.chat_template, max_length=cfg.max_length,
+        train_only_last_turn=cfg.train_only_last_turn, data=cfg.train_data, eval_data=cfg.eval_data,
+        cache_dir=cfg.cache_dir, num_proc=cfg.num_proc, draft_vocab_size=cfg.draft_vocab_size)
+
+
+def _target_config(name: str):
+    from transformers import AutoConfig
+
+    from ..targets import resolve_model
+
+    conf = AutoConfig.from_pretrained(resolve_model(name))
+    get = getattr(conf, "get_text_config", None)
+    return get() if callable(get) else conf
+
+
+def _load_data(cfg: DumpConfig, vocab_size: int, events: Events):
+    from ..data.cache import build_cache, load_cache
+
+    if cfg.cache:
+        return load_cache(cfg.cache)
+    if not cfg.train_data:
+        raise ValueError("dump-hidden-states: give --cache (a finished tokenised cache) or --train-data")
+    cc = cache_config(cfg)
+    if cc.draft_vocab_size > vocab_size:
+        cc = cc.model_copy(update={"draft_vocab_size": vocab_size})
+    return load_cache(build_cache(cc, events)["path"])
+
+
+def _split_stats(ds) -> tuple[list[int], list[int]]:
+    """(lengths, teacher rows) per sample, read column-wise."""
+    import pyarrow.compute as pc
+
+    lengths: list[int] = []
+    rows: list[int] = []
+    table = ds.with_format("arrow")
+    for start in range(0, len(ds), 10_000):
+        b = table[start:start + 10_000]
+        lengths += b.column("length").to_pylist()
+        trained = b.column("num_trained").to_pylist()
+        first = pc.list_element(b.column("loss_mask"), 0).to_pylist()
+        rows += [int(t) - int(f or 0) for t, f in zip(trained, first)]
+    return lengths, rows
+
+
+def _free_bytes(path: Path) -> int:
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def length_batches(order: list[int], lengths: list[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Greedy batches over indices sorted by length (longest first): B * longest <= batch_tokens."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and ((len(cur) + 1) * lengths[cur[0]] > batch_tokens or len(cur) >= max_batch):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _check_existing(out: Path, identity: dict, key: str, fmt: str, layer_ids: list[int]) -> None:
+    if not (out / "run.json").exists():
+        if out.exists() and any(p for p in out.iterdir() if p.name not in ("shards",)):
+            raise StoreError(f"{out}: exists and is not a hidden-state store; choose another --output")
+        return
+    run = read_run_json(out, expect_kind=STORE_KIND)
+    diffs = []
+    if run.get("target", {}).get("sha256") != identity["sha256"]:
+        diffs.append(f"target {run.get('target', {}).get('resolved')!r} vs {identity['resolved']!r}")
+    if run.get("cache_key") != key:
+        diffs.append(f"cache {run.get('cache_key')!r} vs {key!r}")
+    if run.get("format") != fmt:
+        diffs.append(f"format {run.get('format')!r} vs {fmt!r}")
+    if list(run.get("layer_ids", [])) != list(layer_ids):
+        diffs.append(f"layers {run.get('layer_ids')} vs {layer_ids}")
+    if diffs:
+        raise StoreError(f"{out}: holds a store made with other inputs ({'; '.join(diffs)}); it cannot be resumed "
+                         "with these, choose another --output")
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------------
+def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
+    from ..models.target import default_layer_ids, validate_layer_ids
+
+    t0 = time.time()
+    out = Path(cfg.output)
+    tconf = _target_config(cfg.target_model)
+    n_layers = int(tconf.num_hidden_layers)
+    layer_ids = validate_layer_ids(cfg.aux_layer_ids, n_layers) if cfg.aux_layer_ids else default_layer_ids(n_layers)
+    H = int(tconf.hidden_size)
+    identity = target_identity(cfg.target_model)
+    vocab_size = int(identity.get("vocab_size") or tconf.vocab_size)
+    data = _load_data(cfg, vocab_size, events)
+    cache_run = read_run_json(data.path, expect_kind="build-cache")
+    key = cache_run["key"]
+    if data.vocab.target_vocab_size != vocab_size:
+        raise ValueError(f"the tokenised cache {data.path} maps a target vocab of {data.vocab.target_vocab_size} ids, "
+                         f"but {cfg.target_model} has {vocab_size}: tokenizer and target do not match")
+    _check_existing(out, identity, key, cfg.format, layer_ids)
+
+    splits = [(s, data.train if s == "train" else data.eval) for s in cfg.splits
+              if (data.train if s == "train" else data.eval) is not None]
+    writer = None
+    if (out / "run.json").exists() and not cfg.estimate:
+        writer = StoreWriter(out, cfg.format, len(layer_ids), int(cfg.shard_mb * (1 << 20)),
+                             verify=cfg.repair, repair=cfg.repair, events=events)
+    stats = {s: _split_stats(ds) for s, ds in splits}
+    todo = {s: [i for i in range(len(ds)) if writer is None or not writer.exists(s, i)] for s, ds in splits}
+
+    # -- the estimate, before anything heavy ---------------------------------------------------------
+    total_tokens = sum(sum(st[0]) for st in stats.values())
+    total_rows = sum(sum(st[1]) for st in stats.values())
+    need_all = sum(estimate_bytes(st[0], st[1], H, cfg.format, len(layer_ids)) for st in stats.values())
+    need = sum(estimate_bytes([stats[s][0][i] for i in todo[s]], [stats[s][1][i] for i in todo[s]], H, cfg.format,
+                              len(layer_ids)) for s in todo)
+    free = _free_bytes(out)
+    frac = total_rows / max(total_tokens, 1)
+    est = {"format": cfg.format, "hidden_size": H, "layer_ids": layer_ids, "samples": sum(len(st[0]) for st in
+           stats.values()), "tokens": total_tokens, "teacher_rows": total_rows, "teacher_fraction": round(frac, 4),
+           "bytes_per_token": round(need_all / max(total_tokens, 1), 2),
+           "bytes_per_token_formula": round(bytes_per_token(H, cfg.format, frac, len(layer_ids)), 2),
+           "specforge_bytes_per_token": specforge_bytes_per_token(H), "estimated_bytes": need_all,
+           "remaining_bytes": need, "free_bytes": free,
+           "remaining_samples": sum(len(v) for v in todo.values())}
+    events.emit("dump_estimate", **est, estimated=human_bytes(need_all), remaining=human_bytes(need),
+                free=human_bytes(free))
+    if cfg.estimate:
+        return {**est, "output": str(out), "estimate_only": True}
+    if need > free and not cfg.force:
+        raise ValueError(f"dump-hidden-states: the store needs about {human_bytes(need)} more but {out} has "
+                         f"{human_bytes(free)} free; free space, pick a smaller --format, or pass --force")
+
+    # -- the store ---------------------------------------------------------------------------------
+    if writer is None:
+        out.mkdir(parents=True, exist_ok=True)
+    from ..models.target import load_target
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    use_bf16 = cfg.target_dtype == "bfloat16" or (cfg.target_dtype == "auto" and device.type == "cuda")
+    target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device,
+                         layer_ids=layer_ids)
+    if not (out / "run.json").exists():
+        write_run_json(out, STORE_KIND, cfg, store_format=STORE_FORMAT, format=cfg.format, target=identity,
+                       cache_key=key, cache_path=str(data.path), layer_ids=layer_ids, hidden_size=H,
+                       vocab_size=target.vocab_size, num_layers=target.num_layers,
+                       pad_token_id=target.pad_token_id, target_dtype="bfloat16" if use_bf16 else "float32",
+                       split_sizes={s: len(ds) for s, ds in splits})
+    if writer is None:
+        writer = StoreWriter(out, cfg.format, len(layer_ids), int(cfg.shard_mb * (1 << 20)), events=events)
+    events.emit("dump_start", output=str(out), device=str(device), already_done=sum(writer.done_count(s)
+                for s, _ in splits), remaining_samples=est["remaining_samples"])
+
+    from ..training.batches import collate
+
+    sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+    t_fwd = 0.0
+    done_tokens = 0
+    for split, ds in splits:
+        lengths = stats[split][0]
+        order = sorted(todo[split], key=lambda i: (-lengths[i], i))
+        total = len(ds)
+        done = total - len(order)
+        events.progress(done, total, what=f"{split} samples dumped", force=True)
+        for group in length_batches(order, lengths, cfg.batch_tokens, cfg.max_batch_size):
+            if events.cancelled:
+                writer.flush()
+                raise JobCancelled(f"dump stopped with {done}/{total} {split} samples stored; run again to resume")
+            rows = ds.select(group) if len(group) > 1 else [ds[group[0]]]
+            batch = collate(list(rows), group, target.pad_token_id).to(device)
+            t1 = time.time()
+            cap = target.capture(batch.input_ids, batch.attention_mask)
+            t_fwd += time.time() - t1
+            for b, idx in enumerate(group):
+                n = lengths[idx]
+                pos = teacher_positions(batch.loss_mask[b, :n].cpu())
+                aux = cap.aux_hidden[b, :n]
+                last = cap.last_hidden[b, :n][pos.long().to(device)]
+                if not (torch.isfinite(aux).all() and torch.isfinite(last).all()):
+                    writer.skip(split, idx, "non-finite hidden states (NaN/inf) from the target")
+                    continue
+                writer.put(split, idx, aux, pos, last)
+                done_tokens += n
+            done += len(group)
+            events.progress(done, total, what=f"{split} samples dumped")
+            if sleep:
+                time.sleep(sleep)
+        writer.flush(split)
+        events.progress(done, total, what=f"{split} samples dumped", force=True)
+    complete = {s: all(writer.exists(s, i) for i in range(len(ds))) for s, ds in splits}
+    summary = writer.finish(complete, {"seconds": round(time.time() - t0, 2)})
+    result = {"output": str(out), "format": cfg.format, "complete": complete,
+              "samples": {s: v["samples"] for s, v in summary["splits"].items()},
+              "skipped": {s: v["skipped"] for s, v in summary["splits"].items()},
+              "bytes": sum(v["bytes"] for v in summary["splits"].values()),
+              "bytes_per_token": round(sum(v["bytes"] for v in summary["splits"].values())
+                                       / max(sum(v["tokens"] for v in summary["splits"].values()), 1), 2),
+              "specforge_bytes_per_token": specforge_bytes_per_token(H),
+              "forward_seconds": round(t_fwd, 2), "seconds": round(time.time() - t0, 2),
+              "tokens_this_run": done_tokens}
+    events.emit("dump_done", **result)
+    return result
+
+
+def estimate_dump(cfg: DumpConfig, events: Events) -> dict:
+    """`estimate-dump`: the estimate only."""
+    return dump_hidden_states(cfg.model_copy(update={"estimate": True}), events)

@@ -1,0 +1,634 @@
+"""The offline hidden-state store: what a target forward pass gives EAGLE3, kept on disk for training.
+
+Layout of a store directory:
+  run.json          self-description: kind `hidden-states`, the dump config, the tokenised cache (path +
+                    key), the target's identity (resolved path + hash of its config and weight files),
+                    capture layer ids, hidden size, vocab size, pad id, storage format.
+  manifest.jsonl    the commit journal: one JSON line per finished shard (split, sample indices,
+                    lengths, teacher rows, bytes, crc32), appended and fsynced *after* the shard file
+                    was renamed into place. A torn last line is ignored; a shard file that no line names
+                    is an orphan from a crash and is deleted when a writer opens the store.
+  manifest.json     written (atomically) when a dump finishes: totals and `complete` per split.
+  shards/<split>-<n>.safetensors   one flat, memory-mappable file per shard, written to a temp name,
+                    fsynced and renamed: a reader never sees half a shard.
+
+What a shard holds (rows of all its samples, concatenated):
+  aux        [tokens, 3H]   the captured layer outputs, for every token (bf16 by default)
+  aux_scale  [tokens, 3]    bf16 per-(token, layer) scales, only for the fp8 (e4m3) format
+  last       [rows, H]      the target's final normed hidden state, only at the positions that teach
+                            something: s such that token s+1 is trained (loss_mask[s+1] == 1). The TTT
+                            reads the teacher at t+1+k to predict token t+2+k and gates it by
+                            loss_mask[t+2+k], so every other position is multiplied by zero; storing
+                            only these rows is lossless. Logits are recomputed from `last` with the
+                            target's lm_head (V/H times smaller than storing logits: 85x for Llama-3-8B).
+  last_pos   [rows] int32   the position of each `last` row within its sample
+  tok_off, row_off [n+1] int64, indices [n] int64: where each sample's rows start.
+
+Bytes per token (H = target hidden size, f = fraction of tokens that are followed by a trained token):
+  bfloat16 / float16: 6H + f*(2H + 4);  float32: 12H + f*(4H + 4);  fp8_e4m3: 3H + 6 + f*(2H + 4)
+SpecForge stores 8H + 16 per token (three aux states + last hidden state in bf16, plus ids and mask):
+32 KiB per token for an 8B target (H = 4096). With f ~ 0.5 (typical chat data) bf16 here is ~7H and
+fp8 ~4H, half of SpecForge's. `bytes_per_token` and `estimate_bytes` give the exact numbers.
+
+Checksums: a crc32 of each shard file, checked the first time a reader opens that shard (reading the
+file once, which training does anyway); a mismatch or a wrong size names the shard and says to run
+the dump again with `--repair`, which drops the bad shard and redoes its samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+STORE_KIND = "hidden-states"
+STORE_FORMAT = 1
+JOURNAL = "manifest.jsonl"
+SUMMARY = "manifest.json"
+SHARDS = "shards"
+FORMATS = ("bfloat16", "float16", "float32", "fp8_e4m3")
+FP8_MAX = 448.0            # largest finite float8 e4m3fn value
+PER_SAMPLE_BYTES = 8 * 3   # tok_off + row_off + indices entries
+_HASH_EDGE = 1 << 20       # bytes hashed at each end of a weight file for the target's identity
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked; the message names the directory or shard."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes
+# ------------------------------------------------------------------------------------------------
+def _elem(fmt: str) -> tuple[int, int, int]:
+    """(aux bytes per value, aux scale bytes per token-layer, last bytes per value)."""
+    if fmt not in FORMATS:
+        raise StoreError(f"unknown store format {fmt!r}; choose one of {FORMATS}")
+    return {"bfloat16": (2, 0, 2), "float16": (2, 0, 2), "float32": (4, 0, 4), "fp8_e4m3": (1, 2, 2)}[fmt]
+
+
+def bytes_per_token(hidden_size: int, fmt: str = "bfloat16", teacher_fraction: float = 1.0,
+                    num_aux_layers: int = 3) -> float:
+    """Store bytes per token (see the module docstring); teacher_fraction = share of positions that
+    keep a last-hidden row (1.0 is the worst case)."""
+    a, s, lb = _elem(fmt)
+    H = int(hidden_size)
+    aux = num_aux_layers * H * a + num_aux_layers * s
+    return aux + teacher_fraction * (H * lb + 4)
+
+
+def specforge_bytes_per_token(hidden_size: int) -> int:
+    """What SpecForge's per-sample torch.save files cost per token: 3H + H in bf16, plus ids and mask."""
+    return 8 * int(hidden_size) + 16
+
+
+def teacher_positions(loss_mask) -> Tensor:
+    """Positions s whose teacher row is ever used by the TTT: token s+1 is trained."""
+    lm = torch.as_tensor(loss_mask).bool().flatten()
+    if lm.numel() < 2:
+        return torch.zeros(0, dtype=torch.int32)
+    return torch.nonzero(lm[1:]).flatten().to(torch.int32)
+
+
+def estimate_bytes(lengths: Iterable[int], teacher_rows: Iterable[int], hidden_size: int, fmt: str,
+                   num_aux_layers: int = 3) -> int:
+    """Exact payload bytes for samples of these lengths / teacher-row counts (shard headers excluded)."""
+    a, s, lb = _elem(fmt)
+    H = int(hidden_size)
+    lengths, teacher_rows = list(lengths), list(teacher_rows)
+    toks = sum(int(x) for x in lengths)
+    rows = sum(int(x) for x in teacher_rows)
+    n = len(lengths)
+    return toks * (num_aux_layers * H * a + num_aux_layers * s) + rows * (H * lb + 4) + n * PER_SAMPLE_BYTES
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ------------------------------------------------------------------------------------------------
+# Target identity and the light target (no decoder weights) used by offline training
+# ------------------------------------------------------------------------------------------------
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def target_identity(name: str) -> dict:
+    """Resolved location, config facts and a hash of config.json plus each weight file's size and
+    first/last MiB (cheap on a 16 GB target, yet two differently initialised targets differ)."""
+    from ..targets import resolve_model
+
+    resolved = Path(resolve_model(name))
+    h = hashlib.sha256()
+    conf = {}
+    cp = resolved / "config.json"
+    if cp.is_file():
+        h.update(_sha256_file(cp).encode())
+        conf = json.loads(cp.read_text(encoding="utf-8"))
+    for f in sorted(list(resolved.glob("*.safetensors")) + list(resolved.glob("*.bin"))):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_HASH_EDGE))
+            if size > _HASH_EDGE:
+                fh.seek(max(_HASH_EDGE, size - _HASH_EDGE))
+                h.update(fh.read(_HASH_EDGE))
+    text = conf.get("text_config") or conf
+    return {"name": name, "resolved": str(resolved), "sha256": h.hexdigest(),
+            "vocab_size": text.get("vocab_size"), "hidden_size": text.get("hidden_size"),
+            "num_hidden_layers": text.get("num_hidden_layers")}
+
+
+def _weight_lookup(resolved: Path) -> dict[str, Path]:
+    idx = resolved / "model.safetensors.index.json"
+    if idx.is_file():
+        wm = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
+        return {k: resolved / v for k, v in wm.items()}
+    out = {}
+    from safetensors import safe_open
+
+    for f in sorted(resolved.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                out[k] = f
+    return out
+
+
+def _read_tensor(lookup: dict[str, Path], suffixes: tuple[str, ...]) -> Tensor | None:
+    from safetensors import safe_open
+
+    for key, f in lookup.items():
+        if any(key == s or key.endswith("." + s) for s in suffixes):
+            with safe_open(str(f), framework="pt") as sf:
+                return sf.get_tensor(key)
+    return None
+
+
+class TargetHead:
+    """What offline training needs of the target: config, input embedding, lm_head; no decoder layers.
+
+    Read straight from the safetensors files (the 70B target's 140 GB are never loaded); a target
+    stored only as .bin falls back to loading the whole model once on the CPU.
+    """
+
+    def __init__(self, name: str, dtype: torch.dtype = torch.float32, device="cpu",
+                 layer_ids: list[int] | None = None, pad_token_id: int | None = None):
+        from transformers import AutoConfig
+
+        from ..models.target import default_layer_ids, validate_layer_ids
+        from ..targets import resolve_model
+
+        resolved = Path(resolve_model(name))
+        conf = AutoConfig.from_pretrained(str(resolved))
+        get = getattr(conf, "get_text_config", None)
+        self.config = get() if callable(get) else conf
+        self.num_layers = int(self.config.num_hidden_layers)
+        self.layer_ids = validate_layer_ids(layer_ids, self.num_layers) if layer_ids is not None \
+            else default_layer_ids(self.num_layers)
+        self.hidden_size = int(self.config.hidden_size)
+        lookup = _weight_lookup(resolved)
+        emb = _read_tensor(lookup, ("embed_tokens.weight",)) if lookup else None
+        head = _read_tensor(lookup, ("lm_head.weight",)) if lookup else None
+        if emb is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(resolved), dtype=torch.float32)
+            emb = model.get_input_embeddings().weight.detach().clone()
+            head = model.get_output_embeddings().weight.detach().clone()
+            del model
+        if head is None:
+            if not getattr(conf, "tie_word_embeddings", False) and not getattr(self.config, "tie_word_embeddings",
+                                                                                   False):
+                raise StoreError(f"{resolved}: no lm_head.weight in the safetensors files and the config does not "
+                                 "tie it to the embedding")
+            head = emb
+        self.device = torch.device(device)
+        self._embedding = emb.to(dtype)
+        self.lm_head = head.to(dtype=dtype, device=self.device)
+        self.vocab_size = int(self.lm_head.shape[0])
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
+
+    def embedding_weight(self) -> Tensor:
+        return self._embedding
+
+    def logits_from_hidden(self, last_hidden: Tensor) -> Tensor:
+        logits = torch.nn.functional.linear(last_hidden.to(self.lm_head.dtype), self.lm_head)
+        if self.softcap:  # Gemma-2 style soft-capping is part of the target's distribution
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+# ------------------------------------------------------------------------------------------------
+def _fsync_dir(p: Path) -> None:
+    try:
+        fd = os.open(str(p), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_crc32(p: Path) -> int:
+    crc = 0
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(b, crc)
+    return crc & 0xFFFFFFFF
+
+
+def read_journal(directory: Path) -> list[dict]:
+    """Committed shard records; a torn last line (crash mid-append) is ignored."""
+    p = Path(directory) / JOURNAL
+    out = []
+    if not p.exists():
+        return out
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "shard" in rec:
+                out.append(rec)
+    return out
+
+
+def _quantize_fp8(aux: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
+    N, W = aux.shape
+    x = aux.float().view(N, num_layers, W // num_layers)
+    # bf16 scales (2 bytes) keep fp8 storage at half of SpecForge's; quantising with the rounded
+    # scale makes dequantisation use exactly the scale the values were divided by.
+    scale = (x.abs().amax(-1) / FP8_MAX).clamp_min(1e-30).to(torch.bfloat16)   # [N, layers]
+    q = (x / scale.float()[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(N, W)
+    return q, scale.contiguous()
+
+
+def _dequantize(aux: Tensor, scale: Tensor | None, num_layers: int, dtype: torch.dtype) -> Tensor:
+    if scale is None:
+        return aux.to(dtype)
+    N, W = aux.shape
+    return (aux.float().view(N, num_layers, W // num_layers) * scale.float()[..., None]).view(N, W).to(dtype)
+
+
+@dataclass
+class _Pending:
+    indices: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    aux: list[Tensor] = field(default_factory=list)
+    last: list[Tensor] = field(default_factory=list)
+    pos: list[Tensor] = field(default_factory=list)
+    nbytes: int = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Writer
+# ------------------------------------------------------------------------------------------------
+class StoreWriter:
+    """Appends samples to a store, one atomically committed shard at a time (`put`, `flush`).
+
+    Opening a store that a crash left behind removes temp files and orphan shards (renamed but not
+    committed); with `verify` it also checks every committed shard's size and crc32, and with `repair`
+    it drops the bad ones (their samples are then missing, so a resumed dump redoes them).
+    """
+
+    def __init__(self, directory: str | Path, fmt: str, num_aux_layers: int = 3,
+                 shard_bytes: int = 256 << 20, verify: bool = False, repair: bool = False, events=None):
+        _elem(fmt)
+        self.dir = Path(directory)
+        self.fmt = fmt
+        self.num_aux_layers = num_aux_layers
+        self.shard_bytes = int(shard_bytes)
+        self.events = events
+        (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
+        self.records = read_journal(self.dir)
+        self._recover(verify, repair)
+        self._done = {(r["split"], int(i)) for r in self.records for i in r["indices"]}
+        self._skipped = {(r["split"], int(i)) for r in self.records for i in r.get("skipped", [])}
+        self._seq = 1 + max((int(r["shard"].rsplit("-", 1)[1].split(".")[0]) for r in self.records), default=-1)
+        self._pending: dict[str, _Pending] = {}
+        self._pending_skips: dict[str, list[int]] = {}
+
+    def _note(self, msg: str, **fields) -> None:
+        if self.events is not None:
+            self.events.warning(msg, **fields)
+
+    def _recover(self, verify: bool, repair: bool) -> None:
+        jp = self.dir / JOURNAL
+        if jp.exists():
+            raw = jp.read_bytes()
+            if raw and (not raw.endswith(b"\n") or raw.count(b"\n") != len(self.records)):
+                # A torn append (crash mid-line): drop it now, or the next record would join it.
+                self._rewrite_journal()
+                self._note(f"{jp}: dropped a torn journal line left by an interrupted dump")
+        named = {r["shard"] for r in self.records}
+        for f in (self.dir / SHARDS).iterdir():
+            if f.name not in named:
+                # A temp file or a shard renamed in place just before a crash, never committed.
+                f.unlink(missing_ok=True)
+                if not f.name.startswith(".tmp"):
+                    self._note(f"removed uncommitted shard {f} (left by an interrupted dump)", shard=f.name)
+        bad = []
+        for r in self.records:
+            p = self.dir / SHARDS / r["shard"]
+            problem = None
+            if not p.exists():
+                problem = "missing"
+            elif p.stat().st_size != r["bytes"]:
+                problem = f"size {p.stat().st_size} != {r['bytes']} (truncated or overwritten)"
+            elif verify and file_crc32(p) != r["crc32"]:
+                problem = "crc32 mismatch (corrupted)"
+            if problem:
+                bad.append((r, problem))
+        if bad and not repair:
+            r, problem = bad[0]
+            raise StoreError(f"{self.dir / SHARDS / r['shard']}: shard {problem}; run the dump again with "
+                             f"--repair to drop and redo it ({len(bad)} bad shard(s))")
+        if bad:
+            drop = {r["shard"] for r, _ in bad}
+            for r, problem in bad:
+                (self.dir / SHARDS / r["shard"]).unlink(missing_ok=True)
+                self._note(f"repair: dropped shard {r['shard']} ({problem}); its {len(r['indices'])} samples "
+                           "will be redone", shard=r["shard"])
+            self.records = [r for r in self.records if r["shard"] not in drop]
+            self._rewrite_journal()
+
+    def _rewrite_journal(self) -> None:
+        tmp = self.dir / (JOURNAL + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / JOURNAL)
+        _fsync_dir(self.dir)
+
+    # -- state ---------------------------------------------------------------------------------
+    def exists(self, split: str, index: int) -> bool:
+        """Committed (stored, or skipped for non-finite values)."""
+        return (split, int(index)) in self._done or (split, int(index)) in self._skipped
+
+    def done_count(self, split: str) -> int:
+        return sum(1 for s, _ in self._done if s == split)
+
+    def skipped(self, split: str) -> list[int]:
+        return sorted(i for s, i in self._skipped if s == split)
+
+    # -- writing -------------------------------------------------------------------------------
+    def put(self, split: str, index: int, aux: Tensor, last_pos: Tensor, last: Tensor) -> None:
+        """Queue one sample: aux [T, 3H] (all tokens), last [rows, H] at positions last_pos [rows]."""
+        p = self._pending.setdefault(split, _Pending())
+        aux = aux.detach().to("cpu")
+        last = last.detach().to("cpu")
+        p.indices.append(int(index))
+        p.lengths.append(int(aux.shape[0]))
+        p.rows.append(int(last.shape[0]))
+        p.aux.append(aux)
+        p.last.append(last)
+        p.pos.append(torch.as_tensor(last_pos, dtype=torch.int32).cpu())
+        a, s, lb = _elem(self.fmt)
+        p.nbytes += aux.numel() * a + aux.shape[0] * self.num_aux_layers * s + last.numel() * lb + 4 * last.shape[0]
+        if p.nbytes >= self.shard_bytes:
+            self.flush(split)
+
+    def skip(self, split: str, index: int, reason: str) -> None:
+        """Record a sample that cannot be stored (non-finite values); committed with the next shard."""
+        self._pending_skips.setdefault(split, []).append(int(index))
+        self._note(f"{split} sample {index}: {reason}; skipped", split=split, index=int(index))
+
+    def flush(self, split: str | None = None) -> None:
+        for s in ([split] if split else sorted(set(self._pending) | set(self._pending_skips))):
+            self._write_shard(s)
+
+    def _write_shard(self, split: str) -> None:
+        from safetensors.torch import save
+
+        p = self._pending.pop(split, None)
+        skips = self._pending_skips.pop(split, [])
+        if (p is None or not p.indices) and not skips:
+            return
+        p = p or _Pending()
+        H3 = p.aux[0].shape[1] if p.aux else 0
+        aux = torch.cat(p.aux) if p.aux else torch.zeros(0, H3)
+        last = torch.cat(p.last) if p.last and sum(p.rows) else (
+            torch.zeros(0, p.last[0].shape[1]) if p.last else torch.zeros(0, 0))
+        tensors = {
+            "last_pos": torch.cat(p.pos) if p.pos else torch.zeros(0, dtype=torch.int32),
+            "tok_off": torch.tensor([0] + list(_cumsum(p.lengths)), dtype=torch.int64),
+            "row_off": torch.tensor([0] + list(_cumsum(p.rows)), dtype=torch.int64),
+            "indices": torch.tensor(p.indices, dtype=torch.int64),
+        }
+        if self.fmt == "fp8_e4m3":
+            q, scale = _quantize_fp8(aux, self.num_aux_layers)
+            tensors["aux"], tensors["aux_scale"] = q.contiguous(), scale
+            tensors["last"] = last.to(torch.bfloat16).contiguous()
+        else:
+            dt = getattr(torch, self.fmt)
+            tensors["aux"] = aux.to(dt).contiguous()
+            tensors["last"] = last.to(dt).contiguous()
+        name = f"{split}-{self._seq:06d}.safetensors"
+        self._seq += 1
+        final = self.dir / SHARDS / name
+        tmp = self.dir / SHARDS / f".tmp-{name}"
+        blob = save(tensors, metadata={"format": self.fmt, "split": split, "store_format": str(STORE_FORMAT)})
+        crc = zlib.crc32(blob) & 0xFFFFFFFF  # from memory: no second read of the file
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        del blob
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        rec = {"shard": name, "split": split, "indices": p.indices, "lengths": p.lengths, "rows": p.rows,
+               "skipped": skips, "bytes": final.stat().st_size, "crc32": crc}
+        # The commit point: until this line is durable the shard is an orphan a resume deletes.
+        with open(self.dir / JOURNAL, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(rec)
+        self._done.update((split, i) for i in p.indices)
+        self._skipped.update((split, i) for i in skips)
+
+    def finish(self, complete: dict[str, bool], extra: dict | None = None) -> dict:
+        """Flush and write manifest.json (totals, completeness) atomically."""
+        self.flush()
+        summary = summarize(self.records, self.fmt)
+        summary.update(complete=complete, **(extra or {}))
+        tmp = self.dir / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, self.dir / SUMMARY)
+        return summary
+
+
+def _cumsum(xs: list[int]):
+    t = 0
+    for x in xs:
+        t += x
+        yield t
+
+
+def summarize(records: list[dict], fmt: str) -> dict:
+    out: dict = {"store_format": STORE_FORMAT, "format": fmt, "splits": {}}
+    for r in records:
+        s = out["splits"].setdefault(r["split"], {"samples": 0, "tokens": 0, "teacher_rows": 0, "bytes": 0,
+                                                  "shards": 0, "skipped": 0})
+        s["samples"] += len(r["indices"])
+        s["tokens"] += sum(r["lengths"])
+        s["teacher_rows"] += sum(r["rows"])
+        s["bytes"] += r["bytes"]
+        s["shards"] += 1
+        s["skipped"] += len(r.get("skipped", []))
+    for s in out["splits"].values():
+        s["bytes_per_token"] = s["bytes"] / max(s["tokens"], 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Reader
+# ------------------------------------------------------------------------------------------------
+class HiddenStateStore:
+    """Read side of a store: `exists`, `get`, `manifest`, and `batch` (padded tensors for a Batch)."""
+
+    def __init__(self, directory: str | Path, verify: bool = True):
+        from ..config import ConfigError, read_run_json
+
+        self.dir = Path(directory)
+        try:
+            self.run = read_run_json(self.dir, expect_kind=STORE_KIND)
+        except ConfigError as e:
+            raise StoreError(str(e)) from None
+        if self.run.get("store_format", 0) > STORE_FORMAT:
+            raise StoreError(f"{self.dir}: store format {self.run.get('store_format')} is newer than this code "
+                             f"understands ({STORE_FORMAT})")
+        self.fmt = self.run["format"]
+        self.hidden_size = int(self.run["hidden_size"])
+        self.layer_ids = list(self.run["layer_ids"])
+        self.num_aux_layers = len(self.layer_ids)
+        self.verify = verify
+        self.records = read_journal(self.dir)
+        self._where: dict[tuple[str, int], tuple[dict, int]] = {}
+        for r in self.records:
+            for j, i in enumerate(r["indices"]):
+                self._where[(r["split"], int(i))] = (r, j)
+        self._open: dict[str, tuple] = {}
+
+    def manifest(self) -> dict:
+        s = summarize(self.records, self.fmt)
+        p = self.dir / SUMMARY
+        if p.exists():
+            s["complete"] = json.loads(p.read_text(encoding="utf-8")).get("complete", {})
+        return s
+
+    def exists(self, split: str, index: int) -> bool:
+        return (split, int(index)) in self._where
+
+    def indices(self, split: str) -> list[int]:
+        return sorted(i for s, i in self._where if s == split)
+
+    def splits(self) -> list[str]:
+        return sorted({s for s, _ in self._where})
+
+    def _shard(self, rec: dict):
+        name = rec["shard"]
+        got = self._open.get(name)
+        if got is not None:
+            return got
+        from safetensors import safe_open
+
+        p = self.dir / SHARDS / name
+        if not p.exists():
+            raise StoreError(f"{p}: shard missing; run dump-hidden-states again with --repair to redo it")
+        if p.stat().st_size != rec["bytes"]:
+            raise StoreError(f"{p}: shard is {p.stat().st_size} bytes, the manifest says {rec['bytes']} (truncated "
+                             "or overwritten); run dump-hidden-states again with --repair")
+        if self.verify and file_crc32(p) != rec["crc32"]:
+            raise StoreError(f"{p}: crc32 mismatch (corrupted shard); run dump-hidden-states again with --repair")
+        try:
+            sf = safe_open(str(p), framework="pt")
+            tok_off = sf.get_tensor("tok_off")
+            row_off = sf.get_tensor("row_off")
+            has_scale = "aux_scale" in sf.keys()
+        except Exception as e:  # noqa: BLE001 - any parse failure means the shard is unusable
+            raise StoreError(f"{p}: cannot read shard ({e}); run dump-hidden-states again with --repair") from None
+        if len(self._open) >= 8:  # bound open mmaps; shards are read in order mostly
+            self._open.pop(next(iter(self._open)))
+        got = (sf, tok_off, row_off, has_scale)
+        self._open[name] = got
+        return got
+
+    def get(self, split: str, index: int, dtype: torch.dtype = torch.float32) -> dict:
+        """{aux [T, 3H], last_pos [rows], last [rows, H]} of one sample, dequantised to `dtype`."""
+        key = (split, int(index))
+        if key not in self._where:
+            raise KeyError(f"{self.dir}: {split} sample {index} is not in the store")
+        rec, j = self._where[key]
+        sf, tok_off, row_off, has_scale = self._shard(rec)
+        a, b = int(tok_off[j]), int(tok_off[j + 1])
+        ra, rb = int(row_off[j]), int(row_off[j + 1])
+        aux = sf.get_slice("aux")[a:b]
+        scale = sf.get_slice("aux_scale")[a:b] if has_scale else None
+        return {"aux": _dequantize(aux, scale, self.num_aux_layers, dtype),
+                "last_pos": sf.get_slice("last_pos")[ra:rb].long(),
+                "last": sf.get_slice("last")[ra:rb].to(dtype)}
+
+    def batch(self, split: str, indices: list[int], T: int, dtype: torch.dtype = torch.float32,
+              lengths: list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """(aux [B, T, 3H], last [B, T, H]) for these samples, zero-padded; `last` is zero where the
+        store keeps no teacher row (never counted by the TTT)."""
+        B, H = len(indices), self.hidden_size
+        aux = torch.zeros(B, T, self.num_aux_layers * H, dtype=dtype)
+        last = torch.zeros(B, T, H, dtype=dtype)
+        for b, i in enumerate(indices):
+            s = self.get(split, i, dtype)
+            n = s["aux"].shape[0]
+            if lengths is not None and n != lengths[b]:
+                raise StoreError(f"{self.dir}: {split} sample {i} has {n} tokens in the store but "
+                                 f"{lengths[b]} in the tokenised cache: the store was made from other data")
+            aux[b, :n] = s["aux"]
+            last[b, s["last_pos"]] = s["last"]
+        return aux, last
+
+
+def check_store_matches(run: dict, *, target: dict | None = None, cache_key: str | None = None,
+                        vocab_size: int | None = None, layer_ids: list[int] | None = None, where: str = "") -> None:
+    """Refuse a store made from another target / cache / vocab, saying what differs."""
+    w = where or "hidden-state store"
+    if target is not None:
+        st = run.get("target", {})
+        if st.get("sha256") != target.get("sha256"):
+            raise StoreError(f"{w}: made from target {st.get('resolved')!r} (hash {str(st.get('sha256'))[:12]}), "
+                             f"but this run's target is {target.get('resolved')!r} (hash "
+                             f"{str(target.get('sha256'))[:12]}): dump again with this target")
+    if cache_key is not None and run.get("cache_key") != cache_key:
+        raise StoreError(f"{w}: made from tokenised cache {run.get('cache_key')!r}, but this run's data gives cache "
+                         f"{cache_key!r} (other data, tokenizer, template or max_length): dump again")
+    if vocab_size is not None and int(run.get("vocab_size", -1)) != int(vocab_size):
+        raise StoreError(f"{w}: made for a target vocab of {run.get('vocab_size')} ids, this run's target has "
+                         f"{vocab_size}")
+    if layer_ids is not None and list(run.get("layer_ids", [])) != list(layer_ids):
+        raise StoreError(f"{w}: captured layers {run.get('layer_ids')}, this run asks for {list(layer_ids)}")

@@ -1,0 +1,413 @@
+"""Offline EAGLE3 training: the hidden-state store, the dump job (estimate, SIGKILL + resume, repair) and
+training from disk, which must give the same loss curve as online training on the same data and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_llama_config
+from specforge_core.events import null_events, read_events
+
+ROOT = Path(__file__).resolve().parents[1]
+CITIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
+          ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Norway", "Oslo"), ("Cuba", "Havana")]
+
+
+def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
+    """Small chat data written for these tests; samples differ in length so batches get padding."""
+    rnd = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            country, city = rnd.choice(CITIES)
+            a, b = rnd.randint(2, 40), rnd.randint(2, 40)
+            turns = [{"role": "user", "content": f"What is the capital of {country}?"},
+                     {"role": "assistant", "content": f"The capital of {country} is {city}. It is a large city "
+                                                      f"and the seat of the government of {country}."}]
+            if i % 2:
+                turns += [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+            f.write(json.dumps({"id": f"row{i}", "conversations": turns}) + "\n")
+    return path
+
+
+def _save_tiny(d: Path, seed: int, vocab_size: int = 49152) -> Path:
+    from transformers import LlamaForCausalLM
+
+    from specforge_core.targets import load_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = tiny_llama_config(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=8)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 2
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    load_tokenizer("default").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    """A random 8-layer Llama with SmolLM2's real tokenizer (vocab 49152), saved as a local HF folder."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny_target"), 0)
+
+
+@pytest.fixture(scope="module")
+def other_target(tmp_path_factory):
+    """Same architecture and tokenizer, other weights and a larger vocab: a store from it must be refused."""
+    return _save_tiny(tmp_path_factory.mktemp("other_target"), 1, vocab_size=49280)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_conversations(d / "train.jsonl", 16), write_conversations(d / "eval.jsonl", 4, seed=1)
+
+
+def dump_args(target: Path, train: Path, ev: Path | None, out: Path, cache: Path, **kw) -> dict:
+    args = dict(target_model=str(target), train_data=[str(train)], chat_template="chatml", max_length=128,
+                draft_vocab_size=512, output=str(out), cache_dir=str(cache), num_proc=1, device="cpu",
+                batch_tokens=256, max_batch_size=3)
+    if ev is not None:
+        args["eval_data"] = [str(ev)]
+    args.update(kw)
+    return args
+
+
+def train_args(target: Path, train: Path, ev: Path, out: Path, cache: Path, **kw) -> dict:
+    args = dict(target_model=str(target), train_data=[str(train)], eval_data=[str(ev)], chat_template="chatml",
+                max_length=128, draft_vocab_size=512, ttt_length=3, lr=3e-3, batch_size=2, epochs=1,
+                output_dir=str(out), cache_dir=str(cache), num_proc=1, warmup_ratio=0.1, seed=3, device="cpu",
+                eval_every=4)
+    args.update(kw)
+    return args
+
+
+def to_argv(args: dict) -> list[str]:
+    argv = []
+    for k, v in args.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            argv += [flag, *map(str, v)]
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+def rows(run_dir: Path, split: str) -> list[dict]:
+    return [r for r in read_events(run_dir / "metrics.jsonl") if r.get("split") == split]
+
+
+def assert_same_store(a: Path, b: Path, atol: float = 1e-5) -> None:
+    from specforge_core.offline.store import HiddenStateStore
+
+    sa, sb = HiddenStateStore(a), HiddenStateStore(b)
+    for split in ("train", "eval"):
+        assert sa.indices(split) == sb.indices(split), split
+        for i in sa.indices(split):
+            x, y = sa.get(split, i), sb.get(split, i)
+            assert torch.equal(x["last_pos"], y["last_pos"]), (split, i)
+            assert torch.allclose(x["aux"], y["aux"], atol=atol, rtol=1e-5), (split, i)
+            assert torch.allclose(x["last"], y["last"], atol=atol, rtol=1e-5), (split, i)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sizes
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_bytes_per_token_for_known_configs():
+    from specforge_core.offline.store import bytes_per_token, specforge_bytes_per_token
+
+    H = 4096  # Llama-3-8B
+    assert specforge_bytes_per_token(H) == 8 * H + 16 == 32784
+    # every position keeps a teacher row: 3H + H values in bf16, plus a 4-byte position
+    assert bytes_per_token(H, "bfloat16", 1.0) == 8 * H + 4
+    assert bytes_per_token(H, "float32", 1.0) == 16 * H + 4
+    # typical chat data: half the positions teach; fp8 aux lands at half of SpecForge's bytes
+    assert bytes_per_token(H, "bfloat16", 0.5) == 7 * H + 2
+    assert bytes_per_token(H, "fp8_e4m3", 0.5) == 3 * H + 6 + H + 2 == specforge_bytes_per_token(H) / 2
+
+
+@pytest.mark.unit
+def test_teacher_positions_are_the_ones_before_trained_tokens():
+    from specforge_core.offline.store import teacher_positions
+
+    assert teacher_positions([0, 0, 1, 1, 0, 1]).tolist() == [1, 2, 4]
+    assert teacher_positions([1]).tolist() == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Dump + offline training == online training
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_offline_training_matches_online_and_loads_no_target(tmp_path, tiny_target, data_files, monkeypatch):
+    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.store import HiddenStateStore
+    from specforge_core.training.config import TrainConfig
+    from specforge_core.training.trainer import train
+
+    train_f, eval_f = data_files
+    cache = tmp_path / "cache"
+    online = train(TrainConfig(**train_args(tiny_target, train_f, eval_f, tmp_path / "online", cache)), null_events())
+
+    ev = null_events()
+    res = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, eval_f, tmp_path / "hs", cache,
+                                                    format="float32", shard_mb=0.05)), ev)
+    names = [r["event"] for r in ev.records]
+    assert names.index("dump_estimate") < names.index("dump_start")  # the estimate comes first
+    assert res["complete"] == {"train": True, "eval": True} and res["samples"] == {"train": 16, "eval": 4}
+    store = HiddenStateStore(tmp_path / "hs")
+    assert len(list((tmp_path / "hs" / "shards").glob("*.safetensors"))) > 2
+    # the estimate is the payload; the only extra bytes are the shard headers
+    est = [r for r in ev.records if r["event"] == "dump_estimate"][0]
+    assert est["estimated_bytes"] <= res["bytes"] <= est["estimated_bytes"] + 1024 * len(store.records)
+    assert est["teacher_fraction"] < 1.0  # only positions before trained tokens keep the last hidden state
+
+    # offline: the target's decoder is never loaded
+    import specforge_core.models.target as target_mod
+
+    def no_target(*a, **k):
+        raise AssertionError("offline training loaded the target model")
+
+    monkeypatch.setattr(target_mod, "load_target", no_target)
+    offline = train(TrainConfig(**train_args(tiny_target, train_f, eval_f, tmp_path / "offline", cache,
+                                             train_data=None, eval_data=None,
+                                             train_hidden_states=str(tmp_path / "hs"))), null_events())
+    assert offline["steps"] == online["steps"] == 8
+    a, b = rows(tmp_path / "online", "train"), rows(tmp_path / "offline", "train")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5), (x["step"], x["loss"], y["loss"])
+        assert y["acc_0"] == pytest.approx(x["acc_0"], abs=1e-6)
+        assert y["counted_positions"] == x["counted_positions"]
+    ea, eb = rows(tmp_path / "online", "eval"), rows(tmp_path / "offline", "eval")
+    assert len(ea) == len(eb) >= 2
+    for x, y in zip(ea, eb):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-5)
+    assert json.loads((tmp_path / "offline" / "run.json").read_text())["mode"] == "offline"
+
+    # resume works as online: a second offline run resumes from the final checkpoint without error
+    again = train(TrainConfig(**train_args(tiny_target, train_f, eval_f, tmp_path / "offline", cache,
+                                           train_data=None, eval_data=None, resume=True, max_steps=8,
+                                           train_hidden_states=str(tmp_path / "hs"))), null_events())
+    assert again["steps"] == 8
+
+
+@pytest.mark.unit
+def test_store_from_another_target_or_data_is_refused(tmp_path, tiny_target, other_target, data_files):
+    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.store import StoreError, check_store_matches, read_journal
+    from specforge_core.training.config import TrainConfig
+    from specforge_core.training.trainer import train
+
+    train_f, eval_f = data_files
+    cache = tmp_path / "cache"
+    dump_hidden_states(DumpConfig(**dump_args(other_target, train_f, None, tmp_path / "hs", cache)), null_events())
+    assert read_journal(tmp_path / "hs")
+    base = train_args(tiny_target, train_f, eval_f, tmp_path / "run", cache, eval_data=None, max_steps=1,
+                      train_hidden_states=str(tmp_path / "hs"))
+    with pytest.raises(StoreError, match="made from target"):
+        train(TrainConfig(**base), null_events())
+    run = json.loads((tmp_path / "hs" / "run.json").read_text())
+    with pytest.raises(StoreError, match="target vocab of 49280"):
+        check_store_matches(run, vocab_size=49152)
+    # right target, other data: the cache key differs
+    other_data = write_conversations(tmp_path / "other.jsonl", 6, seed=7)
+    with pytest.raises(StoreError, match="tokenised cache"):
+        train(TrainConfig(**{**base, "target_model": str(other_target), "train_data": [str(other_data)],
+                             "output_dir": str(tmp_path / "run2")}), null_events())
+    # resuming a dump into that store with another target is refused too
+    with pytest.raises(StoreError, match="other inputs"):
+        dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, None, tmp_path / "hs", cache)),
+                           null_events())
+
+
+@pytest.mark.unit
+def test_estimate_only_and_disk_refusal(tmp_path, tiny_target, data_files, monkeypatch):
+    import specforge_core.offline.dump as dump_mod
+    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.store import estimate_bytes
+
+    train_f, _ = data_files
+    args = dump_args(tiny_target, train_f, None, tmp_path / "hs", tmp_path / "cache", format="bfloat16")
+    est = dump_hidden_states(DumpConfig(**args, estimate=True), null_events())
+    assert est["estimate_only"] and not (tmp_path / "hs" / "run.json").exists()
+    H = 32
+    # recompute from the cache: every token keeps 3H bf16 values, each taught position H more + 4
+    from specforge_core.data.cache import load_cache
+
+    ds = load_cache(next(p for p in (tmp_path / "cache").iterdir() if (p / "done").exists())).train
+    lengths = [len(x) for x in ds["input_ids"]]
+    trows = [sum(m[1:]) for m in ds["loss_mask"]]
+    assert est["tokens"] == sum(lengths) and est["teacher_rows"] == sum(trows)
+    assert est["estimated_bytes"] == sum(lengths) * 6 * H + sum(trows) * (2 * H + 4) + 24 * len(lengths)
+    assert est["estimated_bytes"] == estimate_bytes(lengths, trows, H, "bfloat16")
+    monkeypatch.setattr(dump_mod, "_free_bytes", lambda p: 1000)
+    with pytest.raises(ValueError, match="free"):
+        dump_hidden_states(DumpConfig(**args), null_events())
+    res = dump_hidden_states(DumpConfig(**args, force=True), null_events())
+    assert res["complete"] == {"train": True}
+
+
+@pytest.mark.unit
+def test_fp8_format_is_smaller_and_close(tmp_path, tiny_target, data_files):
+    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.store import HiddenStateStore
+
+    train_f, _ = data_files
+    cache = tmp_path / "cache"
+    r16 = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, None, tmp_path / "bf16", cache)),
+                             null_events())
+    r8 = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, None, tmp_path / "fp8", cache,
+                                                   format="fp8_e4m3")), null_events())
+    assert r8["bytes"] < 0.8 * r16["bytes"]
+    a, b = HiddenStateStore(tmp_path / "bf16"), HiddenStateStore(tmp_path / "fp8")
+    for i in a.indices("train"):
+        x, y = a.get("train", i)["aux"], b.get("train", i)["aux"]
+        rel = (x - y).norm() / x.norm()
+        assert rel < 0.06, (i, float(rel))  # e4m3 has a 3-bit mantissa: ~3% rms error
+        assert torch.equal(a.get("train", i)["last"], b.get("train", i)["last"])  # last stays bf16
+
+
+# ------------------------------------------------------------------------------------------------
+# Crash safety
+# ------------------------------------------------------------------------------------------------
+def _cli(args: dict, env: dict | None = None, wait: bool = True, command: str = "dump-hidden-states"):
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    p = subprocess.Popen([sys.executable, "-m", "specforge_core", command, "--quiet", "--json", *to_argv(args)],
+                         cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_sigkill_mid_dump_then_resume_gives_the_same_store(tmp_path, tiny_target, data_files):
+    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.store import read_journal
+
+    train_f, eval_f = data_files
+    cache = tmp_path / "cache"
+    dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, eval_f, tmp_path / "ref", cache,
+                                              shard_mb=0.02)), null_events())
+
+    run = dump_args(tiny_target, train_f, eval_f, tmp_path / "hs", cache, shard_mb=0.02, max_batch_size=1)
+    est = _cli(run, command="estimate-dump")  # the CLI's estimate command, end to end
+    assert est["estimate_only"] and est["samples"] == 20
+    kill_after = random.Random().randint(1, 6)
+    p = _cli(run, env={"SPECFORGE_DUMP_SLEEP": "0.15"}, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and len(read_journal(tmp_path / "hs")) < kill_after:
+        time.sleep(0.01)
+    assert p.poll() is None, "the dump finished before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    committed = {(r["split"], i) for r in read_journal(tmp_path / "hs") for i in r["indices"]}
+    assert 0 < len(committed) < 20
+    # what a crash can leave: a temp shard and a renamed shard whose journal line never made it
+    shards = tmp_path / "hs" / "shards"
+    (shards / ".tmp-train-999998.safetensors").write_bytes(b"half a shard")
+    (shards / "train-999999.safetensors").write_bytes(b"renamed, never committed")
+    with open(tmp_path / "hs" / "manifest.jsonl", "a") as f:
+        f.write('{"shard": "train-99')  # a torn journal line
+    res = _cli(run)
+    assert res["complete"] == {"train": True, "eval": True}
+    assert res["tokens_this_run"] > 0
+    assert sorted(x.name for x in shards.iterdir() if x.name.startswith((".tmp", "train-9999"))) == []
+    assert_same_store(tmp_path / "ref", tmp_path / "hs")
+
+
+@pytest.mark.unit
+def test_truncated_or_corrupt_shard_is_named_and_repaired(tmp_path, tiny_target, data_files):
+    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.store import HiddenStateStore, StoreError, read_journal
+
+    train_f, _ = data_files
+    args = dump_args(tiny_target, train_f, None, tmp_path / "hs", tmp_path / "cache", shard_mb=0.02)
+    dump_hidden_states(DumpConfig(**args), null_events())
+    import shutil
+
+    shutil.copytree(tmp_path / "hs", tmp_path / "ref")
+    recs = read_journal(tmp_path / "hs")
+    victim = tmp_path / "hs" / "shards" / recs[1]["shard"]
+    # a flipped byte in the payload: the reader's crc32 check names the shard
+    blob = bytearray(victim.read_bytes())
+    blob[-5] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    with pytest.raises(StoreError, match=recs[1]["shard"] + ".*crc32"):
+        HiddenStateStore(tmp_path / "hs").get("train", recs[1]["indices"][0])
+    # truncated: the dump refuses to resume over it and says --repair
+    victim.write_bytes(bytes(blob[: len(blob) // 2]))
+    with pytest.raises(StoreError, match=recs[1]["shard"] + ".*--repair"):
+        dump_hidden_states(DumpConfig(**args), null_events())
+    res = dump_hidden_states(DumpConfig(**args, repair=True), null_events())
+    assert res["complete"] == {"train": True} and res["tokens_this_run"] == sum(recs[1]["lengths"])
+    assert_same_store(tmp_path / "ref", tmp_path / "hs")
+
+
+@pytest.mark.unit
+def test_cancel_leaves_a_resumable_store(tmp_path, tiny_target, data_files):
+    from specforge_core.events import Events, JobCancelled
+    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.store import HiddenStateStore
+
+    class CancelAfter(Events):
+        """Asks to stop at the third check, as a GUI cancel (SIGTERM) would mid-dump."""
+
+        def __init__(self):
+            super().__init__(None, echo=False)
+            self.checks = 0
+
+        @property
+        def cancelled(self) -> bool:
+            if any(r["event"] == "dump_start" for r in self.records):  # the cache build checks too
+                self.checks += 1
+            return self.checks > 2
+
+    train_f, _ = data_files
+    args = dump_args(tiny_target, train_f, None, tmp_path / "hs", tmp_path / "cache", max_batch_size=2)
+    with pytest.raises(JobCancelled, match="run again to resume"):
+        dump_hidden_states(DumpConfig(**args), CancelAfter())
+    st = HiddenStateStore(tmp_path / "hs")
+    assert len(st.indices("train")) == 4  # two batches of two, flushed before stopping
+    res = dump_hidden_states(DumpConfig(**args), null_events())
+    assert res["complete"] == {"train": True} and res["samples"] == {"train": 16}
+
+
+@pytest.mark.unit
+def test_writer_skips_are_committed_and_training_rows_exclude_them(tmp_path):
+    from specforge_core.offline.store import HiddenStateStore, StoreWriter
+    from specforge_core.training.trainer import _store_rows
+
+    d = tmp_path / "hs"
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({"kind": "hidden-states", "format_version": 1, "config": {},
+                                            "store_format": 1, "format": "bfloat16", "hidden_size": 4,
+                                            "layer_ids": [0, 1, 2]}))
+    w = StoreWriter(d, "bfloat16", 3)
+    for i in (0, 2, 3):
+        w.put("train", i, torch.full((5, 12), float(i)), torch.tensor([1, 3]), torch.ones(2, 4) * i)
+    w.skip("train", 1, "non-finite hidden states")
+    w.finish({"train": True})
+    st = HiddenStateStore(d)
+    assert st.indices("train") == [0, 2, 3]
+    aux, last = st.batch("train", [3, 0], 6)
+    assert aux.shape == (2, 6, 12) and float(aux[0, 4, 0]) == 3.0 and float(aux[0, 5, 0]) == 0.0
+    assert last[0, :, 0].tolist() == [0, 3, 0, 3, 0, 0]
+    assert _store_rows(st, "train", 4, "x") == [0, 2, 3]   # 1 was skipped on purpose
+    with pytest.raises(ValueError, match="unfinished"):
+        _store_rows(st, "train", 5, "x")                    # 4 was never dumped
+    with pytest.raises(Exception, match="tokenised cache"):
+        st.batch("train", [0], 8, lengths=[6])
