@@ -23,7 +23,12 @@ TITLE = "specforge-wb"
 
 
 def load_css() -> str:
-    return CSS_PATH.read_text(encoding="utf-8")
+    """style.css plus each tab module's own `CSS` (a tab's look lives beside its layout)."""
+    parts = [CSS_PATH.read_text(encoding="utf-8")]
+    for mod in load_tabs():
+        if getattr(mod, "CSS", None):
+            parts.append(mod.CSS)
+    return "\n".join(parts)
 
 
 def make_theme() -> gr.themes.Base:

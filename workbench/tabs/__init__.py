@@ -1,9 +1,9 @@
 """The workbench's tabs: one module per tab, listed here in display order.
 
 Each module named in `TAB_MODULES` exposes `TITLE` (the tab label) and `build(ctx)`, which adds its
-components and events inside an open `gr.Tab`. Handlers live in the module as plain functions so
-they are testable without a browser; they call `specforge_core` and never the reverse. A new tab
-is one new module plus one line here.
+components and events inside an open `gr.Tab`, and optionally `CSS` (its styles, added to the
+page). Handlers live in the module as plain functions so they are testable without a browser; they
+call `specforge_core` and never the reverse. A new tab is one new module plus one line here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from types import ModuleType
 from typing import Any
 
 TAB_MODULES: list[str] = [
+    # The loss mask stays first: it is the view that works before any job has run.
     "mask_tab",
+    "data_tab",
+    "regen_tab",
+    "train_tab",
+    "bench_tab",
+    "jobs_tab",
 ]
 
 

@@ -1,0 +1,389 @@
+"""The workbench's job tabs as plain functions: forms built from the config schemas, workspace paths,
+real background jobs through `specforge_core.jobs.runner`, plots from real metric rows, and the app
+building with every tab.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+CONV = {"id": "r1", "conversations": [
+    {"role": "user", "content": "Name a primary colour."},
+    {"role": "assistant", "content": "Red is a primary colour."},
+    {"role": "user", "content": "Another?"},
+    {"role": "assistant", "content": "Blue."}]}
+
+
+def _rows(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        turns = [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                 {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]
+        if i % 3 == 0:
+            turns += [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You're welcome."}]
+        out.append({"id": f"q{i}", "conversations": turns})
+    return out
+
+
+@pytest.fixture
+def ws(tmp_path):
+    w = tmp_path / "ws"
+    (w / "data").mkdir(parents=True)
+    return w
+
+
+def _n_tokens(tok, conv) -> int:
+    ids = tok.apply_chat_template(conv, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# forms.py
+# ------------------------------------------------------------------------------------------------
+def test_field_kinds_follow_the_schema():
+    from specforge_core.config import InspectMaskConfig
+    from specforge_core.training.config import TrainConfig
+    from workbench.forms import field_spec
+
+    kinds = {n: field_spec(TrainConfig, n).kind for n in TrainConfig.model_fields}
+    assert kinds["train_only_last_turn"] == "checkbox"
+    assert kinds["device"] == "dropdown" and field_spec(TrainConfig, "device").choices == ["auto", "cpu", "cuda"]
+    assert kinds["max_length"] == "int" and kinds["lr"] == "float"
+    assert kinds["train_data"] == "list" and kinds["aux_layer_ids"] == "list"
+    assert field_spec(TrainConfig, "aux_layer_ids").item_type is int
+    assert kinds["target_model"] == "text" and kinds["max_steps"] == "int"
+    assert kinds["report_to"] == "multiselect"
+    assert field_spec(InspectMaskConfig, "color").kind == "tristate"
+    # label and info come from the field
+    s = field_spec(TrainConfig, "ttt_length")
+    assert s.label == "ttt length" and "unroll" in s.info and s.default == 7
+
+
+def test_form_roundtrip_and_errors_by_field(tmp_path):
+    from specforge_core.training.config import TrainConfig
+    from workbench.forms import FormError, config_to_values, field_specs, values_to_config
+
+    specs = field_specs(TrainConfig)
+    cfg = TrainConfig(train_data=["a b.jsonl", "c.jsonl"], aux_layer_ids=[1, 3, 4], lr=3e-3, max_steps=5,
+                      report_to=["tensorboard"], train_only_last_turn=True, device="cpu")
+    vals = config_to_values(cfg, specs)
+    assert vals[[s.name for s in specs].index("train_data")] == "'a b.jsonl' c.jsonl"
+    assert values_to_config(TrainConfig, specs, vals) == cfg
+
+    def with_(**kw):
+        v = list(vals)
+        for k, x in kw.items():
+            v[[s.name for s in specs].index(k)] = x
+        return v
+
+    with pytest.raises(FormError) as e:
+        values_to_config(TrainConfig, specs, with_(max_length="lots", aux_layer_ids="1 x"))
+    assert set(e.value.errors) == {"max_length", "aux_layer_ids"}
+    assert "not a number" in e.value.errors["max_length"] and "'x'" in e.value.errors["aux_layer_ids"]
+    with pytest.raises(FormError) as e:
+        values_to_config(TrainConfig, specs, with_(lr=-1, ttt_length=0))
+    assert set(e.value.errors) == {"lr", "ttt_length"}
+    assert "greater than 0" in e.value.errors["lr"]
+    # A model-level rule (no data at all) is reported for the whole form, with the engine's words.
+    with pytest.raises(FormError) as e:
+        values_to_config(TrainConfig, specs, with_(train_data=""))
+    assert "--train-data" in e.value.errors[""]
+    # An empty optional number means None, not 0.
+    assert values_to_config(TrainConfig, specs, with_(max_steps=None)).max_steps is None
+    assert values_to_config(TrainConfig, specs, with_(max_steps="")).max_steps is None
+    assert values_to_config(TrainConfig, specs, with_(max_steps="12")).max_steps == 12
+
+
+def test_render_errors_names_label_and_flag():
+    from specforge_core.training.config import TrainConfig
+    from workbench.forms import FormError, field_specs, render_errors
+
+    out = render_errors(FormError({"lr": "must be > 0", "": "give data"}), field_specs(TrainConfig, ["lr"]))
+    assert "<b>lr</b>" in out and "--lr" in out and "must be &gt; 0" in out and "give data" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# plots.py
+# ------------------------------------------------------------------------------------------------
+def test_training_figures_from_metric_rows():
+    from workbench.plots import accept_len_figure, acc_figure, figure_has_data, loss_figure
+
+    rows = [{"split": "train", "step": s, "loss": 5.0 - s, "acc_0": 0.1 * s, "acc_1": 0.05 * s, "acc_2": 0.02 * s,
+             "sim_accept_len": 1 + 0.1 * s, "loss_normalization": "counted"} for s in range(1, 5)]
+    rows.append({"split": "eval", "step": 4, "loss": 1.5, "acc_0": 0.3, "sim_accept_len": 1.25})
+    lf = loss_figure(rows)
+    assert [t.name for t in lf.data] == ["train", "eval"]
+    assert list(lf.data[0].y) == [4.0, 3.0, 2.0, 1.0] and list(lf.data[1].x) == [4]
+    af = acc_figure(rows)
+    assert [t.name for t in af.data] == ["acc_0", "acc_1", "acc_2"]
+    assert list(af.data[1].y) == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    sf = accept_len_figure(rows)
+    assert list(sf.data[1].y) == [1.25]
+    for f in (loss_figure([]), acc_figure([]), accept_len_figure([])):
+        assert not figure_has_data(f) and "no metrics yet" in f.layout.title.text
+
+
+# ------------------------------------------------------------------------------------------------
+# Data tab
+# ------------------------------------------------------------------------------------------------
+def test_data_preview_stats_and_skip_report(ws, smol_tokenizer):
+    from workbench.tabs import data_tab as dt
+
+    _write_jsonl(ws / "data" / "mine_train.jsonl", _rows(9))
+    _write_jsonl(ws / "data" / "mine_skipped.jsonl", [
+        {"file": "in.jsonl", "line": 3, "code": "bad_json", "message": "not JSON"},
+        {"file": "in.jsonl", "line": 7, "code": "no_assistant", "message": "no assistant turn"},
+        {"file": "in.jsonl", "line": 8, "code": "bad_json", "message": "not JSON"}])
+    assert dt.data_files(ws)[0] == "data/mine_train.jsonl"
+    df = dt.preview_rows(ws, "data/mine_train.jsonl", n=5)
+    assert list(df["id"]) == ["q0", "q1", "q2", "q3", "q4"] and list(df["turns"]) == [4, 2, 2, 4, 2]
+    assert df["first assistant turn"][2] == "2 plus 2 is 4."
+
+    md, turns_fig, tok_fig, stats = dt.dataset_stats(ws, "data/mine_train.jsonl", "default")
+    assert stats["rows"] == 9 and sorted(stats["turns"]) == [2] * 6 + [4] * 3
+    expected = [_n_tokens(smol_tokenizer, r["conversations"]) for r in _rows(9)]
+    assert stats["token_lengths"] == expected
+    assert list(turns_fig.data[0].x) == stats["turns"] and list(tok_fig.data[0].x) == expected
+    assert "9 rows" in md and f"{sum(expected):,}" in md
+
+    smd, sdf = dt.skipped_rows(ws, "data/mine_train.jsonl")
+    assert "3 rows skipped" in smd and "bad_json: 2" in smd
+    assert list(sdf["line"]) == [3, 7, 8] and list(sdf.columns) == dt.SKIPPED_COLUMNS
+
+    err, *_ = dt.inspect_file(ws, "../../etc/passwd", "default")
+    assert "outside the workspace" in err
+
+
+def test_prepare_config_is_built_inside_the_workspace(ws):
+    from workbench.forms import FormError
+    from workbench.tabs import data_tab as dt
+
+    _write_jsonl(ws / "uploads" / "raw.jsonl", [CONV])
+    vals = ["mine", None, 0.25, 3, ""]
+    cfg = dt.prepare_config(ws, dt.SOURCE_FILE, None, "uploads/raw.jsonl", "", vals)
+    assert cfg.input == [str((ws / "uploads" / "raw.jsonl").resolve())]
+    assert cfg.output == str(ws / "data") and cfg.split_eval == 0.25 and cfg.seed == 3 and cfg.sample_size is None
+    with pytest.raises(FormError) as e:
+        dt.prepare_config(ws, dt.SOURCE_FILE, None, "/etc/passwd", "", vals)
+    assert "outside the workspace" in e.value.errors["input"]
+    with pytest.raises(FormError) as e:
+        dt.prepare_config(ws, dt.SOURCE_FILE, None, "uploads/raw.jsonl", "", ["mine", None, 1.5, 0, ""])
+    assert "split_eval" in e.value.errors
+    cfg = dt.prepare_config(ws, dt.SOURCE_PRESET, "ultrachat", "", "dl/uc", vals)
+    assert cfg.dataset == "ultrachat" and cfg.source_path == str((ws / "dl" / "uc").resolve())
+
+
+def _wait(ws, job_id, timeout=90.0):
+    from workbench.tabs.jobs_tab import job_runner
+
+    return job_runner(ws).wait(job_id, timeout=timeout)
+
+
+def test_prepare_data_runs_as_a_job_and_the_jobs_tab_lists_it(ws):
+    from workbench.tabs import data_tab as dt
+    from workbench.tabs import jobs_tab as jt
+
+    _write_jsonl(ws / "uploads" / "raw.jsonl", [json.dumps(r) for r in _rows(6)] + ["{not json", '{"id": "x"}'])
+    card, job_id = dt.launch_prepare(ws, dt.SOURCE_FILE, None, "uploads/raw.jsonl", "", "mine", None, 0.0, 0, "")
+    assert job_id and "prepare-data" in card
+    job = _wait(ws, job_id)
+    assert job.status == "finished", jt.job_runner(ws).log_tail(job_id, 30)
+    card, train = dt.poll_job(ws, job_id)
+    assert train == "data/mine_train.jsonl" and "6 train / 0 eval rows written, 2 skipped" in card
+    smd, sdf = dt.skipped_rows(ws, train)
+    assert "2 rows skipped" in smd and sorted(sdf["line"]) == [7, 8]
+
+    table = jt.jobs_table(ws)
+    assert list(table["id"]) == [job_id] and list(table["status"]) == ["finished"]
+    assert "data" in table["outputs"][0]
+    card, log, outs = jt.job_detail(ws, job_id)
+    assert 'data-status="finished"' in card and "specforge_core prepare-data" in outs and "**output**" in outs
+    assert "already finished" in jt.cancel_job(ws, job_id)
+    msg, new = jt.resume_job(ws, job_id)
+    assert new is None and "cannot resume" in msg
+    assert "no job" in jt.job_detail(ws, "nope")[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Train tab
+# ------------------------------------------------------------------------------------------------
+def _train_values(ws, **kw):
+    from workbench.tabs import train_tab as tt
+
+    specs = tt.flat_specs()
+    vals = {s.name: s.to_widget(tt.gui_default(s)) for s in specs}
+    vals.update(kw)
+    return [vals[s.name] for s in specs]
+
+
+def test_train_form_paths_cli_and_saved_config(ws):
+    from specforge_core import cli
+    from specforge_core.config import build_config, config_from_args, load_config_file
+    from specforge_core.training.config import TrainConfig
+    from workbench.forms import FormError
+    from workbench.tabs import train_tab as tt
+
+    _write_jsonl(ws / "data" / "t.jsonl", [CONV])
+    vals = _train_values(ws, train_data="data/t.jsonl", max_steps=3, device="cpu", ttt_length=2)
+    cfg = tt.train_config(ws, vals)
+    assert cfg.train_data == [str((ws / "data" / "t.jsonl").resolve())]
+    assert cfg.output_dir == str((ws / "runs" / "eagle3").resolve()) and cfg.cache_dir == str((ws / "cache").resolve())
+    assert cfg.target_model == "default" and cfg.max_steps == 3 and cfg.ttt_length == 2
+
+    with pytest.raises(FormError) as e:
+        tt.train_config(ws, _train_values(ws, train_data="data/t.jsonl", output_dir="../elsewhere"))
+    assert "outside the workspace" in e.value.errors["output_dir"]
+    with pytest.raises(FormError) as e:
+        tt.train_config(ws, _train_values(ws, train_data="data/missing.jsonl"))
+    assert "no such file" in e.value.errors["train_data"]
+    assert "outside the workspace" in tt.launch_train(ws, 1, *_train_values(ws, target_model="/etc"))[0]
+
+    # "Show CLI command": the same config comes back through the real CLI parser.
+    text = tt.cli_command(ws, 1, *vals)
+    first, cmd = text.split("\n", 1)
+    assert first.startswith("cd ") and cmd.startswith("specforge-wb train \\\n    --")
+    cmd = cmd.replace(" \\\n    ", " ")  # one flag per line, joined back
+    import shlex
+
+    ns = cli.build_parser().parse_args(shlex.split(cmd)[1:])
+    assert config_from_args(TrainConfig, ns) == cfg
+    assert "torchrun --nproc_per_node 2" in tt.cli_command(ws, 2, *vals)
+
+    # "Save config": YAML in the workspace that `--config` reads back.
+    msg = tt.save_config(ws, "configs/run1.yaml", *vals)
+    assert "saved configs/run1.yaml" in msg
+    assert build_config(TrainConfig, load_config_file(ws / "configs" / "run1.yaml")) == cfg
+    assert "outside the workspace" in tt.save_config(ws, "/tmp/x.yaml", *vals)
+    assert "end the name" in tt.save_config(ws, "configs/x.txt", *vals)
+
+
+def test_train_watch_reads_metrics_and_checkpoints(ws):
+    from workbench.tabs import train_tab as tt
+
+    run = ws / "runs" / "r"
+    _write_jsonl(run / "metrics.jsonl", [
+        {"split": "train", "step": 1, "loss": 3.0, "acc_0": 0.2, "acc_1": 0.1, "sim_accept_len": 1.22,
+         "tokens_per_s": 100.0},
+        {"split": "train", "step": 2, "loss": 2.0, "acc_0": 0.4, "acc_1": 0.2, "sim_accept_len": 1.48,
+         "tokens_per_s": 120.0}])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "st')  # a torn line from a running job
+    for step, reason in ((1, "periodic"), (2, "final")):
+        d = run / "checkpoints" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"step": step, "reason": reason}))
+        (d / "COMPLETE").write_text("x")
+    (run / "checkpoints" / ".tmp_step_00000003_x").mkdir()  # half-written: not listed
+    df = tt.checkpoints_table(run)
+    assert list(df["checkpoint"]) == ["step_00000001", "step_00000002"] and list(df["reason"]) == ["periodic", "final"]
+    from workbench.plots import read_metrics
+
+    s = tt.metrics_summary(read_metrics(run / "metrics.jsonl"))
+    assert "step 2" in s and "loss 2.0000" in s and "1.480" in s
+
+
+def test_disk_estimate_uses_the_store_sizes(ws, smol_tokenizer):
+    from workbench.tabs import train_tab as tt
+
+    if not tt.offline_available():
+        pytest.skip("no specforge_core.offline in this checkout")
+    from specforge_core.offline.store import bytes_per_token, human_bytes
+
+    _write_jsonl(ws / "data" / "t.jsonl", _rows(10))
+    out = tt.disk_estimate(ws, *_train_values(ws, train_data="data/t.jsonl"))
+    toks = sum(_n_tokens(smol_tokenizer, r["conversations"]) for r in _rows(10))
+    assert "hidden size 576" in out and f"{toks:,}" in out
+    assert human_bytes(toks * bytes_per_token(576, "bfloat16", teacher_fraction=0.5)) in out
+
+
+# ------------------------------------------------------------------------------------------------
+# Regenerate and Benchmark tabs
+# ------------------------------------------------------------------------------------------------
+def test_regen_form_and_errors_table(ws):
+    from workbench.forms import FormError
+    from workbench.tabs import regen_tab as rt
+
+    _write_jsonl(ws / "data" / "in.jsonl", [CONV])
+    specs = rt.flat_specs()
+    vals = {s.name: s.to_widget(rt.GUI_DEFAULTS.get(s.name, s.default)) for s in specs}
+    vals["input"] = "data/in.jsonl"
+    cfg = rt.regen_config(ws, [vals[s.name] for s in specs])
+    assert cfg.server_address == ["127.0.0.1:30000"] and cfg.output == str((ws / "data" / "regen.jsonl").resolve())
+    vals["server_address"] = ""
+    with pytest.raises(FormError) as e:
+        rt.regen_config(ws, [vals[s.name] for s in specs])
+    assert "--server-address" in e.value.errors[""]
+
+    _write_jsonl(ws / "data" / "regen.errors.jsonl", [
+        {"id": "a", "server": "s1", "error": "HTTP 500: boom", "attempts": 4, "file": "in.jsonl", "line": 1},
+        {"id": "b", "server": "s1", "error": "HTTP 500: bang", "attempts": 4, "file": "in.jsonl", "line": 2}])
+    md, df = rt.errors_table(ws / "data" / "regen.errors.jsonl")
+    assert "2 failed samples" in md and "HTTP 500 ×2" in md and list(df["id"]) == ["a", "b"]
+    assert "No errors file" in rt.errors_table(ws / "nope.jsonl")[0]
+
+
+def test_bench_results_table_and_charts(ws):
+    from workbench.tabs import bench_tab as bt
+
+    if bt.bench_engine() is None:
+        pytest.skip("no bench engine in this checkout")
+    from specforge_core.evaluate.bench import BenchConfig, ResultStore
+
+    store = ResultStore(ws / "bench" / "results.json", BenchConfig(server="http://x"))
+    store.runs = [
+        {"benchmark": "mtbench", "config": "1,0,0,0", "batch": 1, "steps": 0, "status": "ok", "requests": 4,
+         "errors": 0, "acceptance_length_pooled": 1.0, "output_tokens_per_s": 50.0},
+        {"benchmark": "mtbench", "config": "1,3,1,4", "batch": 1, "steps": 3, "status": "ok", "requests": 4,
+         "errors": 0, "acceptance_length_pooled": 2.5, "output_tokens_per_s": 100.0}]
+    store.status = "done"
+    store.save()
+    card, md, df, acc, spd, live = bt.poll_bench(ws, None, "bench/results.json")
+    assert not live and "**done** · 2 run(s)" in md and "pooled" in md
+    assert list(df["config"]) == ["1,0,0,0", "1,3,1,4"] and list(df["speedup"]) == [1.0, 2.0]
+    assert list(df["accept len (pooled)"]) == [1.0, 2.5]
+    assert list(acc.data[0].y) == [1.0, 2.5] and list(spd.data[0].y) == [1.0, 2.0]
+    assert "outside the workspace" in bt.poll_bench(ws, None, "/etc/results.json")[1]
+    # the benchmark set path is jailed like every other path
+    specs = bt.flat_specs()
+    vals = {s.name: s.to_widget(bt.GUI_DEFAULTS.get(s.name, s.default)) for s in specs}
+    vals["benchmark"] = "mtbench:5=../../shared/mt.jsonl"
+    from workbench.forms import FormError
+
+    with pytest.raises(FormError) as e:
+        bt.bench_config(ws, [vals[s.name] for s in specs])
+    assert "outside the workspace" in e.value.errors["benchmark"]
+    vals["benchmark"] = "mtbench:5=sets/mt.jsonl"
+    cfg = bt.bench_config(ws, [vals[s.name] for s in specs])
+    assert cfg.benchmark == [f"mtbench:5={(ws / 'sets' / 'mt.jsonl').resolve()}"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The app
+# ------------------------------------------------------------------------------------------------
+def test_app_builds_with_every_tab(ws):
+    import gradio as gr
+
+    from workbench.app import build_app, load_css
+    from workbench.tabs import TAB_MODULES, load_tabs
+
+    assert TAB_MODULES[0] == "mask_tab" and {"data_tab", "train_tab", "regen_tab", "bench_tab", "jobs_tab"} <= \
+        set(TAB_MODULES)
+    app = build_app(ws)
+    labels = [b.label for b in app.blocks.values() if isinstance(b, gr.Tab)]
+    assert labels == [m.TITLE for m in load_tabs()]
+    assert sum(isinstance(b, gr.Timer) for b in app.blocks.values()) >= 4
+    assert ".job-badge" in load_css() and ".tok.trained" in load_css()
+    ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
+    assert {"train-launch", "train-loss-plot", "jobs-table", "jobs-cancel", "data-run", "regen-launch"} <= ids
