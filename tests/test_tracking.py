@@ -52,3 +52,19 @@ def test_wandb_offline(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
     assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_run_sync_inside_a_running_loop():
+    import asyncio
+
+    from specforge_core.asyncutil import run_sync
+
+    async def inner():
+        await asyncio.sleep(0)
+        return 42
+
+    async def outer():  # like a Jupyter cell: a loop is already running
+        return run_sync(inner())
+
+    assert run_sync(inner()) == 42
+    assert asyncio.run(outer()) == 42

@@ -51,6 +51,7 @@ from .benchsets import BenchItem, BenchSet, BenchmarkSetError, load_benchmarks
 from .launcher import (LaunchedServer, SGLangNotInstalled, ServerStartError, check_spec_params, require_sglang,
                        sglang_argv)
 from .sglang_client import GenerateResult, SGLangClient, ServerError, render_chat
+from ..asyncutil import run_sync
 
 RESULTS_VERSION = 1
 
@@ -523,9 +524,9 @@ def bench(cfg: BenchConfig, events: Events) -> dict:
                 events.emit("server_launch", argv=argv, log=str(log))
                 with LaunchedServer(argv, url, log, start_timeout_s=cfg.launch_timeout,
                                     should_stop=lambda: events.cancelled):
-                    asyncio.run(_run_group(cfg, url, group, sets, store, events, False, tokenizer_box))
+                    run_sync(_run_group(cfg, url, group, sets, store, events, False, tokenizer_box))
             else:
-                asyncio.run(_run_group(cfg, cfg.server, group, sets, store, events, True, tokenizer_box))
+                run_sync(_run_group(cfg, cfg.server, group, sets, store, events, True, tokenizer_box))
     except JobCancelled:
         store.status = "cancelled"
         store.save()

@@ -27,6 +27,7 @@ from .client import (ChatClient, SamplingParams, answer_turn, assemble, build_me
 from .config import RegenConfig
 from .servers import AllServersDown, SampleFailed, ServerPool
 from .store import AppendWriter, done_ids, remove_ids, repair_tail
+from ..asyncutil import run_sync
 
 
 @dataclass
@@ -399,7 +400,7 @@ def regenerate(cfg: RegenConfig, events: Events) -> dict:
     cancelled = False
     try:
         if cfg.backend == "server":
-            asyncio.run(_run_server(cfg, events, units, sink))
+            run_sync(_run_server(cfg, events, units, sink))
             model = st.model
             cancelled = events.cancelled and st.fatal is None
         else:
