@@ -13,9 +13,10 @@ from specforge_core.models.target import Capture, Target, default_layer_ids, loa
 def test_default_layer_ids():
     assert default_layer_ids(30) == [1, 14, 26]
     assert default_layer_ids(32) == [1, 15, 28]
-    assert default_layer_ids(5) == [1, 1, 1]
-    with pytest.raises(ValueError, match="at least 5"):
-        default_layer_ids(4)
+    assert default_layer_ids(7) == [1, 2, 3]
+    for L in (4, 5, 6):  # [1, L//2-1, L-4] would repeat a layer: refuse rather than capture twice
+        with pytest.raises(ValueError, match="at least 7"):
+            default_layer_ids(L)
 
 
 @pytest.mark.unit
@@ -73,7 +74,7 @@ def test_default_layers_on_deeper_model_and_errors(tiny_llama):
     assert t.layer_ids == [1, 3, 4]
     ids = torch.randint(0, 512, (1, 4))
     assert t.capture(ids, torch.ones_like(ids)).aux_hidden.shape == (1, 4, 96)
-    with pytest.raises(ValueError, match="at least 5"):
+    with pytest.raises(ValueError, match="at least 7"):
         Target.from_model(tiny_llama)  # 4 layers, no override
     with pytest.raises(ValueError, match="out of range"):
         Target.from_model(tiny_llama, layer_ids=[1, 2, 4])

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MIN_LAYERS_FOR_DEFAULT = 5
+MIN_LAYERS_FOR_DEFAULT = 7  # below 7 the three default layers are not distinct
 
 
 def default_layer_ids(num_layers: int) -> list[int]:
     """EAGLE3's capture layers: low, middle, high (`[1, L//2 - 1, L - 4]`, 0-based)."""
     L = int(num_layers)
     if L < MIN_LAYERS_FOR_DEFAULT:
-        raise ValueError(f"the default EAGLE3 capture layers [1, L//2-1, L-4] need a target with at least "
+        raise ValueError(f"the default EAGLE3 capture layers [1, L//2-1, L-4] are three distinct layers only for a target with at least "
                          f"{MIN_LAYERS_FOR_DEFAULT} decoder layers, this one has {L}; "
                          "give the layers explicitly (--aux-layer-ids)")
     return [1, L // 2 - 1, L - 4]

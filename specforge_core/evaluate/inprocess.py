@@ -1,0 +1,250 @@
+"""The `evaluate` job: plain greedy decoding and each speculative config on the same prompts, in one run.
+
+`evaluate(cfg, events) -> dict` loads the target (capturing the layers the draft was trained on) and
+the draft, reads and templates the prompts, runs the baseline (one target forward per token) and then
+every `batch,steps,topk,draft_tokens` config through `spec_decode.SpecDecoder`, and writes a results
+JSON with, per config: the pooled acceptance length (verified tokens / verify steps, bonus token
+counted; 1.0 without speculation) and, beside it, the mean of per-request ratios (a different number,
+named as such), per-position acceptance rates, the histogram of accepted draft tokens per verify step,
+tokens/s, the speedup over the baseline (tokens/s ratio: at temperature 0 both produce the same tokens,
+so this is the wall-clock ratio) and, at temperature 0, how many outputs differ from the baseline
+(must be 0: greedy speculative decoding is lossless).
+
+The first generated token comes from the prefill forward in every mode and is not a verify step; it
+is counted in `completion_tokens` (as SGLang does) but not in the acceptance length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..events import Events, JobCancelled
+from .config import EvaluateConfig
+from .spec_decode import GenerationResult, SpecConfig, SpecDecoder, acceptance_summary, greedy_generate
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------------
+def read_prompts(path, max_prompts: int | None = None, events: Events | None = None) -> list[dict]:
+    """Prompt items `{"id", "messages"}` or `{"id", "text"}` from a file (see EvaluateConfig.prompts).
+    Unusable rows are reported with file and line and skipped; none usable is an error."""
+    from ..data.readers import BadRow, iter_records
+    from ..data.schema import RowError, normalize_row
+
+    items: list[dict] = []
+    skipped = 0
+
+    def skip(line: int, msg: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        if events is not None and skipped <= 20:
+            events.warning(f"{path}:{line}: skipped prompt row: {msg}")
+
+    for line, obj in iter_records(path):
+        if max_prompts is not None and len(items) >= max_prompts:
+            break
+        if isinstance(obj, BadRow):
+            skip(line, obj.message)
+            continue
+        if not isinstance(obj, dict):
+            skip(line, f"a {type(obj).__name__}, expected a JSON object")
+            continue
+        rid = str(obj.get("id", obj.get("question_id", obj.get("task_id", f"line{line}"))))
+        if isinstance(obj.get("prompt"), str) or isinstance(obj.get("question"), str):
+            text = obj.get("prompt") if isinstance(obj.get("prompt"), str) else obj["question"]
+            if not text.strip():
+                skip(line, "empty 'prompt'")
+                continue
+            items.append({"id": rid, "messages": [{"role": "user", "content": text}]})
+            continue
+        if "turns" in obj:
+            turns = obj["turns"]
+            if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+                skip(line, "'turns' must be a non-empty list of strings")
+                continue
+            items.append({"id": rid, "messages": [{"role": "user", "content": turns[0]}]})
+            continue
+        try:
+            row = normalize_row(obj, require_assistant=False)
+        except RowError as e:
+            skip(line, e.message)
+            continue
+        if "text" in row:
+            items.append({"id": row["id"], "text": row["text"]})
+            continue
+        conv = list(row["conversations"])
+        while conv and conv[-1]["role"] == "assistant":
+            conv.pop()
+        if not conv or conv[-1]["role"] != "user":
+            skip(line, "no user turn to answer")
+            continue
+        items.append({"id": row["id"], "messages": [{"role": t["role"], "content": t["content"]} for t in conv]})
+    if skipped and events is not None:
+        events.warning(f"{path}: {skipped} prompt row(s) skipped")
+    if not items:
+        raise ValueError(f"{path}: no usable prompts" + (f" ({skipped} rows skipped)" if skipped else ""))
+    return items
+
+
+def render_prompt(item: dict, tokenizer, chat_template: str, system_prompt: str | None = None) -> list[int]:
+    """Token ids of the prompt, ending with the assistant header (the generation prompt)."""
+    if "text" in item:
+        return tokenizer(item["text"], add_special_tokens=False)["input_ids"]
+    messages = list(item["messages"])
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    name = (chat_template or "auto").strip().lower()
+    if name == "none":
+        text = "\n".join(m["content"] for m in messages)
+        return tokenizer(text)["input_ids"]
+    if name == "auto":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template of its own; pass --chat-template NAME "
+                             "(chatml, llama3, ...) or `none`")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        from ..data.templates import get_template
+
+        t = get_template(name)
+        text, _ = t.render(messages)
+        text += t.assistant_header
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eos_ids(tokenizer, target) -> list[int]:
+    """Stop tokens: the tokenizer's eos and the target config's eos (int or list)."""
+    ids: set[int] = set()
+    for v in (getattr(tokenizer, "eos_token_id", None), getattr(target.config, "eos_token_id", None),
+              getattr(getattr(target.model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v if x is not None)
+        elif v is not None:
+            ids.add(int(v))
+    return sorted(ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# The job
+# ------------------------------------------------------------------------------------------------
+def _device_dtype(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype]:
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    dt = cfg.dtype
+    if dt == "auto":
+        dt = "bfloat16" if dev == "cuda" else "float32"
+    return torch.device(dev), getattr(torch, dt)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dict:
+    wall = sum(r.wall_s for r in results)
+    toks = sum(len(r.tokens) for r in results)
+    out: dict[str, Any] = {"config": name, "prompts": len(results), "completion_tokens": toks,
+                           "wall_s": round(wall, 4), "tokens_per_s": toks / wall if wall > 0 else None,
+                           "stopped_eos": sum(r.stopped == "eos" for r in results)}
+    out.update(acceptance_summary(results, steps))
+    return out
+
+
+def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
+    from ..models.target import load_target
+    from ..targets import load_tokenizer
+    from .draft_loader import draft_layer_ids, load_draft
+
+    t_start = time.time()
+    specs = [SpecConfig.parse(c, where="--configs") for c in cfg.configs]
+    if any(s.batch > 1 for s in specs):
+        events.warning("in-process decoding runs batch 1: the batch field of the configs is recorded, not used")
+    device, dtype = _device_dtype(cfg)
+    layer_ids = cfg.aux_layer_ids or draft_layer_ids(cfg.draft)
+    target = load_target(cfg.target, dtype=dtype, device=device, layer_ids=layer_ids)
+    draft, src = load_draft(cfg.draft, target=target, device=device, dtype=dtype)
+    tok = load_tokenizer(cfg.tokenizer or cfg.target)
+    items = read_prompts(cfg.prompts, cfg.max_prompts, events)
+    prompts = [render_prompt(it, tok, cfg.chat_template, cfg.system_prompt) for it in items]
+    stop = eos_ids(tok, target)
+    events.emit("evaluate_start", target=cfg.target, draft=str(src.path), draft_kind=src.kind, prompts=len(prompts),
+                configs=cfg.configs, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                aux_layer_ids=list(target.layer_ids))
+    torch.manual_seed(cfg.seed)
+
+    def gen(i: int) -> torch.Generator | None:
+        # One seeded generator per prompt: every mode sees the same randomness per prompt.
+        return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i) if cfg.temperature > 0 else None
+
+    decoders = {s.label: SpecDecoder(target, draft, s.steps, s.topk, s.draft_tokens, cfg.temperature)
+                for s in specs if s.speculative}
+    # Warm-up (allocator, kernels, lazy init) so the first timed mode is not penalised.
+    for i in range(min(cfg.warmup, len(prompts))):
+        greedy_generate(target, prompts[i], min(8, cfg.max_new_tokens), stop, cfg.temperature, gen(i))
+        for d in decoders.values():
+            d.generate(prompts[i], min(8, cfg.max_new_tokens), stop, gen(i))
+
+    modes = [("baseline", None)] + [(s.label, s) for s in specs]
+    total = len(modes) * len(prompts)
+    done = 0
+    outputs: dict[str, list[GenerationResult]] = {}
+    out_path = Path(cfg.output)
+    summaries: dict[str, dict] = {}
+
+    def payload(finished: bool) -> dict:
+        return {"kind": "evaluate", "finished": finished, "target": cfg.target, "draft": str(src.path),
+                "draft_kind": src.kind, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "prompts": len(prompts),
+                "acceptance_length_definition": "pooled: sum(tokens per verify step, bonus counted) / "
+                                                "sum(verify steps); 1.0 = no speculation",
+                "config": cfg.model_dump(mode="json"), "baseline": summaries.get("baseline"),
+                "results": [summaries[k] for k in summaries if k != "baseline"]}
+
+    for name, spec in modes:
+        results: list[GenerationResult] = []
+        for i, ids in enumerate(prompts):
+            if events.cancelled:
+                _write_json(out_path, payload(False))
+                raise JobCancelled(f"stopped during {name} at prompt {i}; partial results in {out_path}")
+            if spec is None or not spec.speculative:
+                r = greedy_generate(target, ids, cfg.max_new_tokens, stop, cfg.temperature, gen(i))
+            else:
+                r = decoders[spec.label].generate(ids, cfg.max_new_tokens, stop, gen(i))
+            results.append(r)
+            done += 1
+            events.progress(done, total, what="generations", mode=name)
+        outputs[name] = results
+        s = _mode_summary(name, results, spec.steps if spec else 0)
+        if spec is not None:
+            s.update(batch=spec.batch, steps=spec.steps, topk=spec.topk, draft_tokens=spec.draft_tokens)
+            base = summaries["baseline"]
+            s["speedup"] = (s["tokens_per_s"] / base["tokens_per_s"]) if base["tokens_per_s"] and \
+                s["tokens_per_s"] else None
+            if cfg.temperature == 0:
+                s["mismatches_vs_baseline"] = sum(a.tokens != b.tokens for a, b in zip(results, outputs["baseline"]))
+                if s["mismatches_vs_baseline"]:
+                    events.warning(f"{name}: {s['mismatches_vs_baseline']} of {len(results)} greedy outputs differ "
+                                   "from plain greedy decoding (float noise in low precision, or a bug)")
+        summaries[name] = s
+        events.emit("evaluate_mode", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
+                                         if k in ("config", "acceptance_length", "tokens_per_s", "speedup",
+                                                  "mismatches_vs_baseline")})
+        _write_json(out_path, payload(False))
+    result = payload(True)
+    result["output"] = str(out_path)
+    result["seconds"] = round(time.time() - t_start, 2)
+    _write_json(out_path, result)
+    events.emit("evaluate_done", output=str(out_path), seconds=result["seconds"])
+    return result
