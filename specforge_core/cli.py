@@ -27,7 +27,7 @@ class Command:
     config: str              # "module:Class" under specforge_core
     func: str                # "module:function" under specforge_core; called as func(cfg, events)
     help: str
-    config_flag: bool = True  # accept --config FILE
+    config_flag: bool | str = True  # accept --config FILE (a string: that flag name instead of --config)
 
 
 COMMANDS: list[Command] = [
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     for c in COMMANDS:
         sp = sub.add_parser(c.name, help=c.help, description=c.help)
         if c.config_flag:
-            sp.add_argument("--config", dest="_config_file", default=None,
+            flag = c.config_flag if isinstance(c.config_flag, str) else "--config"
+            sp.add_argument(flag, dest="_config_file", default=None,
                             help="YAML/JSON file (or a run.json) with field values; flags override it")
         sp.add_argument("--events", dest="_events_file", default=None,
                         help="also append structured events (JSON lines) to this file")

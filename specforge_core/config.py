@@ -29,6 +29,8 @@ class JobConfig(BaseModel):
 
     # Fields the CLI takes as positionals rather than flags.
     _positional: typing.ClassVar[tuple[str, ...]] = ()
+    # Extra flag spellings for a field, e.g. {"configs": ("--config",)}.
+    _flag_aliases: typing.ClassVar[dict[str, tuple[str, ...]]] = {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[JobConfig],
                 kwargs["nargs"] = "?"
             parser.add_argument(name, **kwargs)
         else:
-            parser.add_argument(_flag(name), dest=name, **kwargs)
+            parser.add_argument(_flag(name), *getattr(cls, "_flag_aliases", {}).get(name, ()), dest=name, **kwargs)
 
 
 def load_config_file(path: str | Path) -> dict:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from ..cli import Command
 
 COMMANDS = [
-    # config_flag=False: `--config 1,3,1,4` is the issue's spelling of the speculative config
-    # (an abbreviation of --configs), so the YAML `--config FILE` flag is not offered here.
+    # `--config 1,3,1,4` is the users' spelling of the speculative config (an abbreviation of
+    # --configs), so the settings file is `--config-file FILE` here.
     Command("evaluate", "evaluate.config:EvaluateConfig", "evaluate.inprocess:evaluate",
             "in-process speculative decoding (target + EAGLE3 draft): acceptance length, per-position "
-            "acceptance, speedup over plain greedy on the same prompts", config_flag=False),
+            "acceptance, speedup over plain greedy on the same prompts", config_flag="--config-file"),
 ]
 
 # The SGLang benchmark client and the reference server (issue 6, benchmarks side).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -12,6 +12,9 @@ from ..config import JobConfig
 class EvaluateConfig(JobConfig):
     """Measure a draft in-process: acceptance length, per-position acceptance and speedup over plain
     greedy decoding of the same target, on the same prompts, in the same run."""
+
+    # `--config 1,3,1,4` is how users spell a speculative config (SGLang's batch,steps,topk,draft_tokens)
+    _flag_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"configs": ("--config",)}
 
     target: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), a local HF "
                         "directory, or a hub id")

@@ -251,7 +251,8 @@ class JobRunner:
             launcher = [self.python, "-m", "specforge_core"]
         argv = launcher + [kind]
         if cmd.config_flag:
-            argv += ["--config", str(job_dir / CONFIG_FILE)]
+            flag = cmd.config_flag if isinstance(cmd.config_flag, str) else "--config"
+            argv += [flag, str(job_dir / CONFIG_FILE)]
         else:
             argv += config_to_argv(cfg)
         argv += ["--events", str(job_dir / EVENTS_FILE), "--quiet", "--json"]
