@@ -4,6 +4,7 @@ training from disk, which must give the same loss curve as online training on th
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -117,7 +118,10 @@ def assert_same_store(a: Path, b: Path, atol: float = 1e-5) -> None:
             x, y = sa.get(split, i), sb.get(split, i)
             assert torch.equal(x["last_pos"], y["last_pos"]), (split, i)
             assert torch.allclose(x["aux"], y["aux"], atol=atol, rtol=1e-5), (split, i)
-            assert torch.allclose(x["last"], y["last"], atol=atol, rtol=1e-5), (split, i)
+            for key in ("last", "topk_val", "topk_idx"):   # whichever teacher the store keeps
+                assert (key in x) == (key in y), key
+                if key in x:
+                    assert torch.allclose(x[key].double(), y[key].double(), atol=atol, rtol=1e-5), (split, i, key)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ def test_offline_training_matches_online_and_loads_no_target(tmp_path, tiny_targ
 
     ev = null_events()
     res = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, eval_f, tmp_path / "hs", cache,
-                                                    format="float32", shard_mb=0.05)), ev)
+                                                    format="float32", teacher="hidden", shard_mb=0.05)), ev)
     names = [r["event"] for r in ev.records]
     assert names.index("dump_estimate") < names.index("dump_start")  # the estimate comes first
     assert res["complete"] == {"train": True, "eval": True} and res["samples"] == {"train": 16, "eval": 4}
@@ -238,7 +242,8 @@ def test_estimate_only_and_disk_refusal(tmp_path, tiny_target, data_files, monke
     from specforge_core.offline.store import estimate_bytes
 
     train_f, _ = data_files
-    args = dump_args(tiny_target, train_f, None, tmp_path / "hs", tmp_path / "cache", format="bfloat16")
+    args = dump_args(tiny_target, train_f, None, tmp_path / "hs", tmp_path / "cache", format="bfloat16",
+                     teacher="hidden")
     est = dump_hidden_states(DumpConfig(**args, estimate=True), null_events())
     assert est["estimate_only"] and not (tmp_path / "hs" / "run.json").exists()
     H = 32
@@ -265,10 +270,10 @@ def test_fp8_format_is_smaller_and_close(tmp_path, tiny_target, data_files):
 
     train_f, _ = data_files
     cache = tmp_path / "cache"
-    r16 = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, None, tmp_path / "bf16", cache)),
-                             null_events())
+    r16 = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, None, tmp_path / "bf16", cache,
+                                                    format="bfloat16", teacher="hidden")), null_events())
     r8 = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, None, tmp_path / "fp8", cache,
-                                                   format="fp8_e4m3")), null_events())
+                                                   format="fp8_e4m3", teacher="hidden")), null_events())
     assert r8["bytes"] < 0.8 * r16["bytes"]
     a, b = HiddenStateStore(tmp_path / "bf16"), HiddenStateStore(tmp_path / "fp8")
     for i in a.indices("train"):
@@ -411,3 +416,190 @@ def test_writer_skips_are_committed_and_training_rows_exclude_them(tmp_path):
         _store_rows(st, "train", 5, "x")                    # 4 was never dumped
     with pytest.raises(Exception, match="tokenised cache"):
         st.batch("train", [0], 8, lengths=[6])
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-k teacher: the target's top-k logits instead of its last hidden state (no lm_head needed)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_topk_rows_rebuild_the_renormalised_top_of_the_distribution():
+    from specforge_core.offline.store import bytes_per_token, teacher_row_bytes, topk_logits, topk_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 300, generator=g) * 4 + 20.0     # offset: the stored values are shifted
+    vals, ids = topk_rows(logits, 16)
+    assert vals.dtype == torch.float16 and ids.dtype == torch.int32 and vals.shape == (5, 7, 16)
+    assert torch.all(vals[..., 0] == 0) and torch.all(vals[..., 1:] <= 0)   # best first, max at 0
+    rebuilt = topk_logits(vals, ids, 300)
+    assert torch.isfinite(rebuilt).all()
+    assert torch.equal(rebuilt.argmax(-1), logits.argmax(-1))
+    # softmax of the rebuilt logits = the target's softmax renormalised over its top 16
+    p = torch.softmax(logits, -1)
+    top = torch.zeros_like(p).scatter(-1, ids.long(), 1.0).bool()
+    want = torch.where(top, p, torch.zeros_like(p))
+    want = want / want.sum(-1, keepdim=True)
+    assert torch.allclose(torch.softmax(rebuilt, -1), want, atol=2e-3)
+    # sizes: k fp16 values + k int32 ids + a position, independent of H (no lm_head either)
+    assert teacher_row_bytes(4096, "bfloat16", "topk", 64) == 64 * 6 + 4
+    assert bytes_per_token(4096, "fp8_e4m3", 0.5, teacher="topk", topk=64) == 3 * 4096 + 6 + 0.5 * 388
+
+
+@pytest.mark.unit
+def test_topk_store_round_trip_and_batch(tmp_path):
+    from specforge_core.offline.store import HiddenStateStore, StoreWriter, estimate_bytes, topk_logits, topk_rows
+
+    d = tmp_path / "hs"
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({"kind": "hidden-states", "format_version": 1, "config": {},
+                                            "store_format": 2, "format": "fp8_e4m3", "hidden_size": 4,
+                                            "layer_ids": [0, 1, 2], "teacher": "topk", "topk": 8,
+                                            "vocab_size": 50}))
+    g = torch.Generator().manual_seed(0)
+    w = StoreWriter(d, "fp8_e4m3", 3, shard_bytes=300, teacher="topk", topk=8)   # tiny shards: several
+    samples = {}
+    for i in range(5):
+        T = 4 + i
+        pos = torch.arange(1, T - 1, dtype=torch.int32)
+        logits = torch.randn(len(pos), 50, generator=g) * 3
+        aux = torch.randn(T, 12, generator=g)
+        samples[i] = (aux, pos, logits, topk_rows(logits, 8))
+        w.put("train", i, aux, pos, topk=samples[i][3])
+    with pytest.raises(Exception, match="top-k rows"):
+        w.put("train", 9, torch.zeros(3, 12), torch.tensor([1]), topk=(torch.zeros(1, 4), torch.zeros(1, 4)))
+    w.finish({"train": True})
+    st = HiddenStateStore(d)
+    assert st.teacher == "topk" and len(st.records) > 1 and st.manifest()["topk"] == 8
+    paid = sum(r["bytes"] for r in st.records)
+    lengths = [4 + i for i in range(5)]
+    est = estimate_bytes(lengths, [n - 2 for n in lengths], 4, "fp8_e4m3", teacher="topk", topk=8)
+    assert est <= paid <= est + 1024 * len(st.records)
+    for i, (aux, pos, logits, (v, ix)) in samples.items():
+        s = st.get("train", i)
+        assert "last" not in s and torch.equal(s["last_pos"], pos.long())
+        assert torch.equal(s["topk_val"], v) and torch.equal(s["topk_idx"], ix.long())
+        assert torch.allclose(s["aux"], aux, rtol=0.07, atol=0.02)   # fp8 aux
+    aux, (vals, ids) = st.batch("train", [4, 0], 9)
+    assert aux.shape == (2, 9, 12) and vals.shape == ids.shape == (2, 9, 8)
+    rebuilt = topk_logits(vals, ids, 50)
+    assert torch.equal(rebuilt[0, 1:7].argmax(-1), samples[4][2].argmax(-1))
+    # positions without a teacher row (0, the last, padding) rebuild to uniform logits, never NaN
+    assert torch.isfinite(rebuilt).all() and torch.all(rebuilt[0, 0] == rebuilt[0, 0, 0])
+    assert torch.all(rebuilt[1, 3:] == rebuilt[1, 3:, :1])
+
+
+@pytest.mark.unit
+def test_topk_position_with_no_draft_token_is_not_counted():
+    """A position whose k stored ids all lie outside the draft vocab: its teacher over the draft vocab is
+    empty. With -inf fill the TTT loss turns NaN; the rebuilt logits keep it finite and the position is
+    skipped exactly as if its loss mask were 0."""
+    from specforge_core.models.eagle3 import build_draft_config
+    from specforge_core.models.registry import build_draft
+    from specforge_core.offline.store import topk_logits, topk_rows
+    from specforge_core.training.ttt import ttt_forward
+
+    V, VD, H, T = 64, 16, 32, 12
+    torch.manual_seed(0)
+    draft = build_draft(build_draft_config(tiny_llama_config(vocab_size=V, hidden_size=H), VD, [1, 1, 2]))
+    in_draft = torch.arange(0, 2 * VD, 2)                 # even ids are the draft vocab
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[in_draft] = True
+    draft.set_vocab_mapping(in_draft - torch.arange(VD), t2d)
+    draft.load_embedding(torch.randn(V, H))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (1, T), generator=g)
+    am = torch.ones(1, T, dtype=torch.long)
+    lm = torch.ones(1, T, dtype=torch.long)
+    lm[0, :2] = 0
+    aux = torch.randn(1, T, 3 * H, generator=g)
+    logits = torch.randn(1, T, V, generator=g)
+    logits[..., t2d] += 3.0                               # most top ids are draft ids ...
+    bad = 5                                               # ... but at teacher row 5 the top 4 are all odd ids
+    logits[0, bad] = -10.0
+    logits[0, bad, [1, 3, 5, 7]] = torch.tensor([9.0, 8.0, 7.0, 6.0])
+    vals, idx = topk_rows(logits, 4)
+    rebuilt = topk_logits(vals, idx, V)
+
+    with torch.no_grad():
+        got = ttt_forward(draft, ids, aux, rebuilt, lm, am, ttt_length=3)
+    assert math.isfinite(float(got.loss)) and all(math.isfinite(x) for x in got.ploss)
+    # teacher row `bad` teaches token bad+1 at step 0, bad+1 at step 1 too (row t+1+k): masking those
+    # predicted tokens out must give the very same numbers
+    lm2 = lm.clone()
+    lm2[0, bad + 1] = 0
+    with torch.no_grad():
+        ref = ttt_forward(draft, ids, aux, rebuilt, lm2, am, ttt_length=3)
+    assert got.counts == ref.counts and got.counts[0] > 0
+    assert got.ploss == pytest.approx(ref.ploss, rel=1e-6) and got.acc == ref.acc
+    # with the row's other ids inside the draft vocab it would have been counted
+    ok = rebuilt.clone()
+    ok[0, bad, 2] = 10.0
+    with torch.no_grad():
+        assert ttt_forward(draft, ids, aux, ok, lm, am, ttt_length=3).counts[0] == got.counts[0] + 1
+    # -inf outside the top-k would poison the loss: why the floor is finite
+    inf = torch.full((1, T, V), float("-inf")).scatter(-1, idx.long(), vals.float())
+    with torch.no_grad():
+        assert math.isnan(float(ttt_forward(draft, ids, aux, inf, lm, am, ttt_length=3).loss))
+
+
+@pytest.mark.unit
+def test_topk_dump_trains_offline_without_lm_head(tmp_path, tiny_target, data_files, monkeypatch):
+    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.store import HiddenStateStore, TargetHead
+    from specforge_core.training.config import TrainConfig
+    from specforge_core.training.trainer import train
+
+    train_f, eval_f = data_files
+    cache = tmp_path / "cache"
+    ref = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, eval_f, tmp_path / "f32", cache,
+                                                    format="float32", teacher="hidden")), null_events())
+    ev = null_events()
+    res = dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, eval_f, tmp_path / "tk", cache,
+                                                    format="float32", teacher="topk", topk=16)), ev)
+    est = [r for r in ev.records if r["event"] == "dump_estimate"][0]
+    assert est["teacher"] == "topk" and est["estimated_bytes"] <= res["bytes"]
+    assert res["bytes"] < ref["bytes"]                   # 16 x 6 bytes < H=32 x 4 bytes per teacher row
+    # what the dump stored is the top-k of the logits the lm_head gives from the exact last hidden state
+    head = TargetHead(str(tiny_target))
+    a, b = HiddenStateStore(tmp_path / "f32"), HiddenStateStore(tmp_path / "tk")
+    for i in a.indices("train")[:4]:
+        x, y = a.get("train", i), b.get("train", i)
+        assert torch.equal(x["last_pos"], y["last_pos"]) and torch.equal(x["aux"], y["aux"])
+        full = head.logits_from_hidden(x["last"])
+        v, ix = torch.topk(full, 16, dim=-1)
+        assert torch.equal(y["topk_idx"][:, 0], ix[:, 0])
+        assert torch.allclose(y["topk_val"].float(), v - v[:, :1], atol=2e-3)
+    # resuming with another k is refused
+    with pytest.raises(Exception, match="topk 16 vs 8"):
+        dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, eval_f, tmp_path / "tk", cache,
+                                                  format="float32", teacher="topk", topk=8)), null_events())
+
+    import specforge_core.models.target as target_mod
+    import specforge_core.offline.store as store_mod
+
+    def no_target(*a, **k):
+        raise AssertionError("offline training loaded the target model")
+
+    real_read = store_mod._read_tensor
+
+    def no_head(lookup, suffixes):
+        assert "lm_head.weight" not in suffixes, "a top-k store needs no lm_head"
+        return real_read(lookup, suffixes)
+
+    monkeypatch.setattr(target_mod, "load_target", no_target)
+    monkeypatch.setattr(store_mod, "_read_tensor", no_head)
+    kw = dict(train_data=None, eval_data=None, max_steps=6, eval_every=0,
+              draft_vocab_size=49152)  # every argmax is in the draft vocab, so positions are counted
+    tk = train(TrainConfig(**train_args(tiny_target, train_f, eval_f, tmp_path / "run-tk", cache,
+                                        train_hidden_states=str(tmp_path / "tk"), **kw)), null_events())
+    monkeypatch.setattr(store_mod, "_read_tensor", real_read)   # the hidden-teacher run needs the lm_head
+    hid = train(TrainConfig(**train_args(tiny_target, train_f, eval_f, tmp_path / "run-f32", cache,
+                                         train_hidden_states=str(tmp_path / "f32"), **kw)), null_events())
+    assert tk["steps"] == hid["steps"] == 6
+    x, y = rows(tmp_path / "run-f32", "train"), rows(tmp_path / "run-tk", "train")
+    assert all(math.isfinite(r["loss"]) for r in y)
+    # same aux states, same initial draft, same target argmax: the first step counts and scores alike;
+    # the truncated teacher then changes the loss (and the trajectory) a little
+    assert y[0]["counted_positions"] == x[0]["counted_positions"] > 0
+    assert y[0]["acc_0"] == pytest.approx(x[0]["acc_0"], abs=1e-9)
+    assert y[0]["loss"] != x[0]["loss"]
+    assert math.isfinite(tk["eval"]["loss"]) and tk["eval"]["sim_accept_len"] >= 1.0

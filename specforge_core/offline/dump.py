@@ -10,6 +10,13 @@ at a time. A crash or SIGKILL loses at most the shard in flight: running the sam
 every committed sample. `--estimate` stops after the estimate; `--repair` drops corrupt or truncated
 shards and redoes their samples.
 
+What is stored per token is `format` (the aux states: bfloat16, float16, float32 or fp8_e4m3 with
+per-row scales) and, at the positions that teach, `teacher`: the last hidden state (training recomputes
+the logits with the target's lm_head; exact) or the target's top-`topk` logits (fp16 values + int32
+ids; training needs no lm_head; lossy). Bytes per token of each option are in `offline.store`'s
+docstring; the estimate event lists them for this data (`bytes_per_token_by_option`) beside the chosen
+one and SpecForge's 8H + 16.
+
 `estimate-dump` is the same estimate as its own command (no target weights are loaded).
 """
 
@@ -27,7 +34,7 @@ from pydantic import Field
 from ..config import BuildCacheConfig, JobConfig, read_run_json, write_run_json
 from ..events import Events, JobCancelled
 from .store import (STORE_FORMAT, STORE_KIND, StoreError, StoreWriter, bytes_per_token, estimate_bytes,
-                    human_bytes, specforge_bytes_per_token, target_identity, teacher_positions)
+                    human_bytes, specforge_bytes_per_token, target_identity, teacher_positions, topk_rows)
 
 # Fault injection for crash tests: seconds to sleep after each forward batch.
 _SLEEP_ENV = "SPECFORGE_DUMP_SLEEP"
@@ -52,9 +59,18 @@ class DumpConfig(JobConfig):
     draft_vocab_size: int = Field(32000, ge=1, description="draft vocabulary size built with the cache")
     aux_layer_ids: Optional[list[int]] = Field(None, description="target layers to capture "
                                                "(default [1, L//2-1, L-4])")
+    # Default = the smallest option costing < 2% simulated acceptance length against bf16 storage
+    # (bench/offline_quality.py, bench/results/offline_quality.json): fp8 aux + top-64 teacher measured
+    # 3.070 vs 3.041 for bf16 on SmolLM2 (no measurable cost) at 48% of bf16's bytes.
     format: Literal["bfloat16", "float16", "float32", "fp8_e4m3"] = Field(
-        "bfloat16", description="storage of the captured states: bfloat16 (default), float16, float32 (exact, "
-        "2x the bytes), fp8_e4m3 (aux states in fp8 with per-row scales, last hidden state in bf16; lossy)")
+        "fp8_e4m3", description="storage of the captured aux states: fp8_e4m3 (default; fp8 with per-row "
+        "scales, lossy), bfloat16, float16, float32 (exact, 2x the bytes of bf16); a last-hidden teacher is "
+        "kept in bf16 for fp8")
+    teacher: Literal["hidden", "topk"] = Field(
+        "topk", description="what stands for the target's distribution: topk (default; its top-k logits in "
+        "fp16 + int32 ids; training needs no lm_head; lossy) or hidden (its last hidden state; training "
+        "recomputes logits with its lm_head; exact)")
+    topk: int = Field(64, ge=1, le=4096, description="k for --teacher topk")
     batch_tokens: int = Field(8192, ge=8, description="max padded tokens per target forward")
     max_batch_size: int = Field(64, ge=1, description="max samples per target forward")
     shard_mb: float = Field(256.0, gt=0, description="target size of one shard file (MiB)")
@@ -143,7 +159,8 @@ def length_batches(order: list[int], lengths: list[int], batch_tokens: int, max_
     return out
 
 
-def _check_existing(out: Path, identity: dict, key: str, fmt: str, layer_ids: list[int]) -> None:
+def _check_existing(out: Path, identity: dict, key: str, fmt: str, layer_ids: list[int],
+                    teacher: str = "hidden", topk: int = 64) -> None:
     if not (out / "run.json").exists():
         if out.exists() and any(p for p in out.iterdir() if p.name not in ("shards",)):
             raise StoreError(f"{out}: exists and is not a hidden-state store; choose another --output")
@@ -158,6 +175,10 @@ def _check_existing(out: Path, identity: dict, key: str, fmt: str, layer_ids: li
         diffs.append(f"format {run.get('format')!r} vs {fmt!r}")
     if list(run.get("layer_ids", [])) != list(layer_ids):
         diffs.append(f"layers {run.get('layer_ids')} vs {layer_ids}")
+    if run.get("teacher", "hidden") != teacher:
+        diffs.append(f"teacher {run.get('teacher', 'hidden')!r} vs {teacher!r}")
+    elif teacher == "topk" and int(run.get("topk", -1)) != int(topk):
+        diffs.append(f"topk {run.get('topk')} vs {topk}")
     if diffs:
         raise StoreError(f"{out}: holds a store made with other inputs ({'; '.join(diffs)}); it cannot be resumed "
                          "with these, choose another --output")
@@ -183,29 +204,35 @@ def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
     if data.vocab.target_vocab_size != vocab_size:
         raise ValueError(f"the tokenised cache {data.path} maps a target vocab of {data.vocab.target_vocab_size} ids, "
                          f"but {cfg.target_model} has {vocab_size}: tokenizer and target do not match")
-    _check_existing(out, identity, key, cfg.format, layer_ids)
+    _check_existing(out, identity, key, cfg.format, layer_ids, cfg.teacher, cfg.topk)
+    tk = {"teacher": cfg.teacher, "topk": cfg.topk}
 
     splits = [(s, data.train if s == "train" else data.eval) for s in cfg.splits
               if (data.train if s == "train" else data.eval) is not None]
     writer = None
     if (out / "run.json").exists() and not cfg.estimate:
         writer = StoreWriter(out, cfg.format, len(layer_ids), int(cfg.shard_mb * (1 << 20)),
-                             verify=cfg.repair, repair=cfg.repair, events=events)
+                             verify=cfg.repair, repair=cfg.repair, events=events, **tk)
     stats = {s: _split_stats(ds) for s, ds in splits}
     todo = {s: [i for i in range(len(ds)) if writer is None or not writer.exists(s, i)] for s, ds in splits}
 
     # -- the estimate, before anything heavy ---------------------------------------------------------
     total_tokens = sum(sum(st[0]) for st in stats.values())
     total_rows = sum(sum(st[1]) for st in stats.values())
-    need_all = sum(estimate_bytes(st[0], st[1], H, cfg.format, len(layer_ids)) for st in stats.values())
+    need_all = sum(estimate_bytes(st[0], st[1], H, cfg.format, len(layer_ids), **tk) for st in stats.values())
     need = sum(estimate_bytes([stats[s][0][i] for i in todo[s]], [stats[s][1][i] for i in todo[s]], H, cfg.format,
-                              len(layer_ids)) for s in todo)
+                              len(layer_ids), **tk) for s in todo)
     free = _free_bytes(out)
     frac = total_rows / max(total_tokens, 1)
-    est = {"format": cfg.format, "hidden_size": H, "layer_ids": layer_ids, "samples": sum(len(st[0]) for st in
+    est = {"format": cfg.format, "teacher": cfg.teacher, **({"topk": cfg.topk} if cfg.teacher == "topk" else {}),
+           "hidden_size": H, "layer_ids": layer_ids, "samples": sum(len(st[0]) for st in
            stats.values()), "tokens": total_tokens, "teacher_rows": total_rows, "teacher_fraction": round(frac, 4),
            "bytes_per_token": round(need_all / max(total_tokens, 1), 2),
-           "bytes_per_token_formula": round(bytes_per_token(H, cfg.format, frac, len(layer_ids)), 2),
+           "bytes_per_token_formula": round(bytes_per_token(H, cfg.format, frac, len(layer_ids), **tk), 2),
+           "bytes_per_token_by_option": {
+               (f if t == "hidden" else f"{f}+top{cfg.topk}"): round(bytes_per_token(H, f, frac, len(layer_ids), t,
+                                                                                    cfg.topk), 1)
+               for f in ("float32", "bfloat16", "fp8_e4m3") for t in ("hidden", "topk")},
            "specforge_bytes_per_token": specforge_bytes_per_token(H), "estimated_bytes": need_all,
            "remaining_bytes": need, "free_bytes": free,
            "remaining_samples": sum(len(v) for v in todo.values())}
@@ -229,18 +256,20 @@ def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
                          layer_ids=layer_ids)
     if not (out / "run.json").exists():
         write_run_json(out, STORE_KIND, cfg, store_format=STORE_FORMAT, format=cfg.format, target=identity,
+                       teacher=cfg.teacher, topk=cfg.topk if cfg.teacher == "topk" else None,
                        cache_key=key, cache_path=str(data.path), layer_ids=layer_ids, hidden_size=H,
                        vocab_size=target.vocab_size, num_layers=target.num_layers,
                        pad_token_id=target.pad_token_id, target_dtype="bfloat16" if use_bf16 else "float32",
                        split_sizes={s: len(ds) for s, ds in splits})
     if writer is None:
-        writer = StoreWriter(out, cfg.format, len(layer_ids), int(cfg.shard_mb * (1 << 20)), events=events)
+        writer = StoreWriter(out, cfg.format, len(layer_ids), int(cfg.shard_mb * (1 << 20)), events=events, **tk)
     events.emit("dump_start", output=str(out), device=str(device), already_done=sum(writer.done_count(s)
                 for s, _ in splits), remaining_samples=est["remaining_samples"])
 
     from ..training.batches import collate
 
     sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+    t_loop, cpu_loop = time.time(), time.process_time()
     t_fwd = 0.0
     done_tokens = 0
     for split, ds in splits:
@@ -257,16 +286,26 @@ def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
             batch = collate(list(rows), group, target.pad_token_id).to(device)
             t1 = time.time()
             cap = target.capture(batch.input_ids, batch.attention_mask)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t_fwd += time.time() - t1
             for b, idx in enumerate(group):
                 n = lengths[idx]
                 pos = teacher_positions(batch.loss_mask[b, :n].cpu())
                 aux = cap.aux_hidden[b, :n]
-                last = cap.last_hidden[b, :n][pos.long().to(device)]
-                if not (torch.isfinite(aux).all() and torch.isfinite(last).all()):
+                if cfg.teacher == "topk":
+                    # The check reads the logits the top-k is taken from: a NaN anywhere in a row counts.
+                    logits = cap.logits[b, :n][pos.long().to(device)]
+                    finite = bool(torch.isfinite(aux).all() and torch.isfinite(logits).all())
+                    teach = {"topk": topk_rows(logits, cfg.topk)} if finite else {}
+                else:
+                    last = cap.last_hidden[b, :n][pos.long().to(device)]
+                    finite = bool(torch.isfinite(aux).all() and torch.isfinite(last).all())
+                    teach = {"last": last}
+                if not finite:
                     writer.skip(split, idx, "non-finite hidden states (NaN/inf) from the target")
                     continue
-                writer.put(split, idx, aux, pos, last)
+                writer.put(split, idx, aux, pos, **teach)
                 done_tokens += n
             done += len(group)
             events.progress(done, total, what=f"{split} samples dumped")
@@ -276,14 +315,16 @@ def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
         events.progress(done, total, what=f"{split} samples dumped", force=True)
     complete = {s: all(writer.exists(s, i) for i in range(len(ds))) for s, ds in splits}
     summary = writer.finish(complete, {"seconds": round(time.time() - t0, 2)})
-    result = {"output": str(out), "format": cfg.format, "complete": complete,
+    result = {"output": str(out), "format": cfg.format, "teacher": cfg.teacher, "complete": complete,
               "samples": {s: v["samples"] for s, v in summary["splits"].items()},
               "skipped": {s: v["skipped"] for s, v in summary["splits"].items()},
               "bytes": sum(v["bytes"] for v in summary["splits"].values()),
               "bytes_per_token": round(sum(v["bytes"] for v in summary["splits"].values())
                                        / max(sum(v["tokens"] for v in summary["splits"].values()), 1), 2),
               "specforge_bytes_per_token": specforge_bytes_per_token(H),
-              "forward_seconds": round(t_fwd, 2), "seconds": round(time.time() - t0, 2),
+              "forward_seconds": round(t_fwd, 3), "loop_seconds": round(time.time() - t_loop, 3),
+              "loop_cpu_seconds": round(time.process_time() - cpu_loop, 3),
+              "seconds": round(time.time() - t0, 2),
               "tokens_this_run": done_tokens}
     events.emit("dump_done", **result)
     return result

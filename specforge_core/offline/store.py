@@ -21,14 +21,28 @@ What a shard holds (rows of all its samples, concatenated):
                             loss_mask[t+2+k], so every other position is multiplied by zero; storing
                             only these rows is lossless. Logits are recomputed from `last` with the
                             target's lm_head (V/H times smaller than storing logits: 85x for Llama-3-8B).
-  last_pos   [rows] int32   the position of each `last` row within its sample
+  topk_val   [rows, k] fp16 instead of `last` with teacher "topk" (run.json `teacher`, `topk`): the
+  topk_idx   [rows, k] int32 target's k largest logits at those positions, shifted so each row's max is
+                            0 (softmax and argmax, all the TTT takes, ignore a shift), and their token ids.
+                            Training then needs no lm_head; `topk_logits` rebuilds [.., V] logits with a
+                            low finite floor outside the k (never -inf: see there). Lossy: the teacher
+                            becomes the target's distribution renormalised over its top k.
+  last_pos   [rows] int32   the position of each teacher row within its sample
   tok_off, row_off [n+1] int64, indices [n] int64: where each sample's rows start.
 
-Bytes per token (H = target hidden size, f = fraction of tokens that are followed by a trained token):
-  bfloat16 / float16: 6H + f*(2H + 4);  float32: 12H + f*(4H + 4);  fp8_e4m3: 3H + 6 + f*(2H + 4)
+Bytes per token (H = target hidden size, f = fraction of tokens that are followed by a trained token,
+k = top-k; a teacher row costs 2H (hidden, bf16/fp16/fp8 formats), 4H (float32) or 6k (top-k), + 4):
+  bfloat16 / float16        6H + f*(2H + 4)     H=576: 4034   H=4096 (8B): 28674
+  float32                   12H + f*(4H + 4)           8066                57346
+  fp8_e4m3                  3H + 6 + f*(2H + 4)        2312                16392
+  bfloat16 + top-64         6H + f*(6k + 4)            3650                24770
+  fp8_e4m3 + top-64         3H + 6 + f*(6k + 4)        1928                12488
+  (the numbers are at f = 0.5, typical of chat data; `bytes_per_token` / `estimate_bytes` are exact.)
 SpecForge stores 8H + 16 per token (three aux states + last hidden state in bf16, plus ids and mask):
-32 KiB per token for an 8B target (H = 4096). With f ~ 0.5 (typical chat data) bf16 here is ~7H and
-fp8 ~4H, half of SpecForge's. `bytes_per_token` and `estimate_bytes` give the exact numbers.
+4624 B for H=576, 32 KiB per token for an 8B target. fp8 is half of that, fp8 + top-64 about 38%.
+What each lossy option costs in draft quality is measured by bench/offline_quality.py (results in
+bench/results/offline_quality.json); the dump's default is the smallest option that costs < 2% of
+simulated acceptance length against bf16 storage.
 
 Checksums: a crc32 of each shard file, checked the first time a reader opens that shard (reading the
 file once, which training does anyway); a mismatch or a wrong size names the shard and says to run
@@ -49,11 +63,13 @@ import torch
 from torch import Tensor
 
 STORE_KIND = "hidden-states"
-STORE_FORMAT = 1
+STORE_FORMAT = 2           # 2: optional top-k teacher; format-1 stores (last hidden state) still read
 JOURNAL = "manifest.jsonl"
 SUMMARY = "manifest.json"
 SHARDS = "shards"
 FORMATS = ("bfloat16", "float16", "float32", "fp8_e4m3")
+TEACHERS = ("hidden", "topk")
+DEFAULT_TOPK = 64
 FP8_MAX = 448.0            # largest finite float8 e4m3fn value
 PER_SAMPLE_BYTES = 8 * 3   # tok_off + row_off + indices entries
 _HASH_EDGE = 1 << 20       # bytes hashed at each end of a weight file for the target's identity
@@ -73,14 +89,25 @@ def _elem(fmt: str) -> tuple[int, int, int]:
     return {"bfloat16": (2, 0, 2), "float16": (2, 0, 2), "float32": (4, 0, 4), "fp8_e4m3": (1, 2, 2)}[fmt]
 
 
+def teacher_row_bytes(hidden_size: int, fmt: str = "bfloat16", teacher: str = "hidden",
+                      topk: int = DEFAULT_TOPK) -> int:
+    """Bytes of one teacher row: the last hidden state (H values) or k fp16 logits + k int32 ids; +4 for
+    its int32 position."""
+    if teacher == "topk":
+        return int(topk) * (2 + 4) + 4
+    if teacher != "hidden":
+        raise StoreError(f"unknown teacher {teacher!r}; choose one of {TEACHERS}")
+    return int(hidden_size) * _elem(fmt)[2] + 4
+
+
 def bytes_per_token(hidden_size: int, fmt: str = "bfloat16", teacher_fraction: float = 1.0,
-                    num_aux_layers: int = 3) -> float:
+                    num_aux_layers: int = 3, teacher: str = "hidden", topk: int = DEFAULT_TOPK) -> float:
     """Store bytes per token (see the module docstring); teacher_fraction = share of positions that
-    keep a last-hidden row (1.0 is the worst case)."""
-    a, s, lb = _elem(fmt)
+    keep a teacher row (1.0 is the worst case)."""
+    a, s, _ = _elem(fmt)
     H = int(hidden_size)
     aux = num_aux_layers * H * a + num_aux_layers * s
-    return aux + teacher_fraction * (H * lb + 4)
+    return aux + teacher_fraction * teacher_row_bytes(H, fmt, teacher, topk)
 
 
 def specforge_bytes_per_token(hidden_size: int) -> int:
@@ -97,15 +124,48 @@ def teacher_positions(loss_mask) -> Tensor:
 
 
 def estimate_bytes(lengths: Iterable[int], teacher_rows: Iterable[int], hidden_size: int, fmt: str,
-                   num_aux_layers: int = 3) -> int:
+                   num_aux_layers: int = 3, teacher: str = "hidden", topk: int = DEFAULT_TOPK) -> int:
     """Exact payload bytes for samples of these lengths / teacher-row counts (shard headers excluded)."""
-    a, s, lb = _elem(fmt)
+    a, s, _ = _elem(fmt)
     H = int(hidden_size)
     lengths, teacher_rows = list(lengths), list(teacher_rows)
     toks = sum(int(x) for x in lengths)
     rows = sum(int(x) for x in teacher_rows)
     n = len(lengths)
-    return toks * (num_aux_layers * H * a + num_aux_layers * s) + rows * (H * lb + 4) + n * PER_SAMPLE_BYTES
+    return (toks * (num_aux_layers * H * a + num_aux_layers * s) + rows * teacher_row_bytes(H, fmt, teacher, topk)
+            + n * PER_SAMPLE_BYTES)
+
+
+def topk_rows(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top-k teacher rows of logits [rows, V]: (values - row max in fp16, int32 ids), best first.
+
+    Shifting by the row max loses nothing (the TTT only takes softmaxes and argmaxes) and puts the
+    values that matter most near 0, where fp16 is most precise.
+    """
+    k = min(int(k), logits.shape[-1])
+    v, i = torch.topk(logits.float(), k, dim=-1)
+    v = (v - v[..., :1]).clamp_min(-60000.0)  # stays finite in fp16
+    return v.to(torch.float16), i.to(torch.int32)
+
+
+def topk_logits(values: Tensor, indices: Tensor, vocab_size: int, dtype: torch.dtype = torch.float32,
+                out: Tensor | None = None) -> Tensor:
+    """Logits [..., V] from top-k rows: the stored values at their ids, a very low *finite* value elsewhere.
+
+    Not -inf: the TTT takes softmax(logits[..., t2d]) over the draft vocab, and a position whose k ids all
+    lie outside the draft vocab would give 0/0 = NaN there, which a zero mask weight does not cancel
+    (NaN * 0 = NaN). With a finite floor that position's teacher is uniform, and since its argmax (the
+    top-1 id) is outside the draft vocab the TTT does not count it. Rows whose values are all the floor
+    (positions the store keeps no teacher for) come out uniform too, as zero hidden states do.
+    """
+    floor = torch.finfo(dtype).min
+    shape = tuple(values.shape[:-1]) + (int(vocab_size),)
+    if out is None:
+        out = torch.full(shape, floor, dtype=dtype, device=values.device)
+    else:
+        out.fill_(floor)
+    out.scatter_(-1, indices.long(), values.to(dtype))
+    return out
 
 
 def human_bytes(n: float) -> str:
@@ -182,11 +242,12 @@ class TargetHead:
     """What offline training needs of the target: config, input embedding, lm_head; no decoder layers.
 
     Read straight from the safetensors files (the 70B target's 140 GB are never loaded); a target
-    stored only as .bin falls back to loading the whole model once on the CPU.
+    stored only as .bin falls back to loading the whole model once on the CPU. With `lm_head=False`
+    (a top-k store, whose teacher needs no recomputation) the lm_head is not read at all.
     """
 
     def __init__(self, name: str, dtype: torch.dtype = torch.float32, device="cpu",
-                 layer_ids: list[int] | None = None, pad_token_id: int | None = None):
+                 layer_ids: list[int] | None = None, pad_token_id: int | None = None, lm_head: bool = True):
         from transformers import AutoConfig
 
         from ..models.target import default_layer_ids, validate_layer_ids
@@ -202,7 +263,7 @@ class TargetHead:
         self.hidden_size = int(self.config.hidden_size)
         lookup = _weight_lookup(resolved)
         emb = _read_tensor(lookup, ("embed_tokens.weight",)) if lookup else None
-        head = _read_tensor(lookup, ("lm_head.weight",)) if lookup else None
+        head = _read_tensor(lookup, ("lm_head.weight",)) if lookup and lm_head else None
         if emb is None:
             from transformers import AutoModelForCausalLM
 
@@ -210,7 +271,9 @@ class TargetHead:
             emb = model.get_input_embeddings().weight.detach().clone()
             head = model.get_output_embeddings().weight.detach().clone()
             del model
-        if head is None:
+        if not lm_head:
+            head = None
+        elif head is None:
             if not getattr(conf, "tie_word_embeddings", False) and not getattr(self.config, "tie_word_embeddings",
                                                                                    False):
                 raise StoreError(f"{resolved}: no lm_head.weight in the safetensors files and the config does not "
@@ -218,8 +281,8 @@ class TargetHead:
             head = emb
         self.device = torch.device(device)
         self._embedding = emb.to(dtype)
-        self.lm_head = head.to(dtype=dtype, device=self.device)
-        self.vocab_size = int(self.lm_head.shape[0])
+        self.lm_head = head.to(dtype=dtype, device=self.device) if head is not None else None
+        self.vocab_size = int((self.lm_head if self.lm_head is not None else emb).shape[0])
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
 
@@ -227,6 +290,8 @@ class TargetHead:
         return self._embedding
 
     def logits_from_hidden(self, last_hidden: Tensor) -> Tensor:
+        if self.lm_head is None:
+            raise StoreError("this TargetHead was loaded without its lm_head (top-k store)")
         logits = torch.nn.functional.linear(last_hidden.to(self.lm_head.dtype), self.lm_head)
         if self.softcap:  # Gemma-2 style soft-capping is part of the target's distribution
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -301,6 +366,7 @@ class _Pending:
     rows: list[int] = field(default_factory=list)
     aux: list[Tensor] = field(default_factory=list)
     last: list[Tensor] = field(default_factory=list)
+    tk_idx: list[Tensor] = field(default_factory=list)
     pos: list[Tensor] = field(default_factory=list)
     nbytes: int = 0
 
@@ -317,10 +383,15 @@ class StoreWriter:
     """
 
     def __init__(self, directory: str | Path, fmt: str, num_aux_layers: int = 3,
-                 shard_bytes: int = 256 << 20, verify: bool = False, repair: bool = False, events=None):
+                 shard_bytes: int = 256 << 20, verify: bool = False, repair: bool = False, events=None,
+                 teacher: str = "hidden", topk: int = DEFAULT_TOPK):
         _elem(fmt)
+        if teacher not in TEACHERS:
+            raise StoreError(f"unknown teacher {teacher!r}; choose one of {TEACHERS}")
         self.dir = Path(directory)
         self.fmt = fmt
+        self.teacher = teacher
+        self.topk = int(topk)
         self.num_aux_layers = num_aux_layers
         self.shard_bytes = int(shard_bytes)
         self.events = events
@@ -399,19 +470,38 @@ class StoreWriter:
         return sorted(i for s, i in self._skipped if s == split)
 
     # -- writing -------------------------------------------------------------------------------
-    def put(self, split: str, index: int, aux: Tensor, last_pos: Tensor, last: Tensor) -> None:
-        """Queue one sample: aux [T, 3H] (all tokens), last [rows, H] at positions last_pos [rows]."""
+    def put(self, split: str, index: int, aux: Tensor, last_pos: Tensor, last: Tensor | None = None, *,
+            topk: tuple[Tensor, Tensor] | None = None) -> None:
+        """Queue one sample: aux [T, 3H] (all tokens) and, at positions last_pos [rows], the teacher:
+        `last` [rows, H] (teacher "hidden") or `topk` = (values [rows, k], ids [rows, k]) from
+        `topk_rows` (teacher "topk")."""
         p = self._pending.setdefault(split, _Pending())
+        pos = torch.as_tensor(last_pos, dtype=torch.int32).cpu()
+        if self.teacher == "topk":
+            if topk is None:
+                raise StoreError(f"{self.dir}: a top-k store needs topk=(values, ids) for {split} sample {index}")
+            vals, ids = (t.detach().to("cpu") for t in topk)
+            if tuple(vals.shape) != (pos.numel(), self.topk) or vals.shape != ids.shape:
+                raise StoreError(f"{self.dir}: {split} sample {index}: top-k rows of shape {tuple(vals.shape)} / "
+                                 f"{tuple(ids.shape)}, expected {(pos.numel(), self.topk)}")
+            last, rows = vals.to(torch.float16), vals.shape[0]
+            p.tk_idx.append(ids.to(torch.int32))
+        else:
+            if last is None:
+                raise StoreError(f"{self.dir}: a hidden-teacher store needs `last` for {split} sample {index}")
+            last = last.detach().to("cpu")
+            rows = last.shape[0]
         aux = aux.detach().to("cpu")
-        last = last.detach().to("cpu")
         p.indices.append(int(index))
         p.lengths.append(int(aux.shape[0]))
-        p.rows.append(int(last.shape[0]))
+        p.rows.append(int(rows))
         p.aux.append(aux)
         p.last.append(last)
-        p.pos.append(torch.as_tensor(last_pos, dtype=torch.int32).cpu())
-        a, s, lb = _elem(self.fmt)
-        p.nbytes += aux.numel() * a + aux.shape[0] * self.num_aux_layers * s + last.numel() * lb + 4 * last.shape[0]
+        p.pos.append(pos)
+        a, s, _ = _elem(self.fmt)
+        p.nbytes += (aux.numel() * a + aux.shape[0] * self.num_aux_layers * s
+                     + rows * teacher_row_bytes(aux.shape[1] // self.num_aux_layers, self.fmt, self.teacher,
+                                                self.topk))
         if p.nbytes >= self.shard_bytes:
             self.flush(split)
 
@@ -434,8 +524,10 @@ class StoreWriter:
         p = p or _Pending()
         H3 = p.aux[0].shape[1] if p.aux else 0
         aux = torch.cat(p.aux) if p.aux else torch.zeros(0, H3)
-        last = torch.cat(p.last) if p.last and sum(p.rows) else (
-            torch.zeros(0, p.last[0].shape[1]) if p.last else torch.zeros(0, 0))
+        last = None
+        if self.teacher == "hidden":
+            last = torch.cat(p.last) if p.last and sum(p.rows) else (
+                torch.zeros(0, p.last[0].shape[1]) if p.last else torch.zeros(0, 0))
         tensors = {
             "last_pos": torch.cat(p.pos) if p.pos else torch.zeros(0, dtype=torch.int32),
             "tok_off": torch.tensor([0] + list(_cumsum(p.lengths)), dtype=torch.int64),
@@ -445,16 +537,21 @@ class StoreWriter:
         if self.fmt == "fp8_e4m3":
             q, scale = _quantize_fp8(aux, self.num_aux_layers)
             tensors["aux"], tensors["aux_scale"] = q.contiguous(), scale
-            tensors["last"] = last.to(torch.bfloat16).contiguous()
         else:
-            dt = getattr(torch, self.fmt)
-            tensors["aux"] = aux.to(dt).contiguous()
+            tensors["aux"] = aux.to(getattr(torch, self.fmt)).contiguous()
+        if self.teacher == "topk":
+            k = self.topk
+            tensors["topk_val"] = (torch.cat(p.last) if p.last else torch.zeros(0, k)).to(torch.float16).contiguous()
+            tensors["topk_idx"] = (torch.cat(p.tk_idx) if p.tk_idx else torch.zeros(0, k)).to(torch.int32).contiguous()
+        else:
+            dt = torch.bfloat16 if self.fmt == "fp8_e4m3" else getattr(torch, self.fmt)
             tensors["last"] = last.to(dt).contiguous()
         name = f"{split}-{self._seq:06d}.safetensors"
         self._seq += 1
         final = self.dir / SHARDS / name
         tmp = self.dir / SHARDS / f".tmp-{name}"
-        blob = save(tensors, metadata={"format": self.fmt, "split": split, "store_format": str(STORE_FORMAT)})
+        blob = save(tensors, metadata={"format": self.fmt, "teacher": self.teacher, "split": split,
+                                       "store_format": str(STORE_FORMAT)})
         crc = zlib.crc32(blob) & 0xFFFFFFFF  # from memory: no second read of the file
         with open(tmp, "wb") as f:
             f.write(blob)
@@ -477,7 +574,7 @@ class StoreWriter:
     def finish(self, complete: dict[str, bool], extra: dict | None = None) -> dict:
         """Flush and write manifest.json (totals, completeness) atomically."""
         self.flush()
-        summary = summarize(self.records, self.fmt)
+        summary = summarize(self.records, self.fmt, self.teacher, self.topk)
         summary.update(complete=complete, **(extra or {}))
         tmp = self.dir / (SUMMARY + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -492,8 +589,10 @@ def _cumsum(xs: list[int]):
         yield t
 
 
-def summarize(records: list[dict], fmt: str) -> dict:
-    out: dict = {"store_format": STORE_FORMAT, "format": fmt, "splits": {}}
+def summarize(records: list[dict], fmt: str, teacher: str = "hidden", topk: int | None = None) -> dict:
+    out: dict = {"store_format": STORE_FORMAT, "format": fmt, "teacher": teacher, "splits": {}}
+    if teacher == "topk":
+        out["topk"] = topk
     for r in records:
         s = out["splits"].setdefault(r["split"], {"samples": 0, "tokens": 0, "teacher_rows": 0, "bytes": 0,
                                                   "shards": 0, "skipped": 0})
@@ -526,6 +625,10 @@ class HiddenStateStore:
             raise StoreError(f"{self.dir}: store format {self.run.get('store_format')} is newer than this code "
                              f"understands ({STORE_FORMAT})")
         self.fmt = self.run["format"]
+        self.teacher = self.run.get("teacher", "hidden")
+        if self.teacher not in TEACHERS:
+            raise StoreError(f"{self.dir}: unknown teacher {self.teacher!r} in run.json")
+        self.topk = int(self.run.get("topk") or DEFAULT_TOPK)
         self.hidden_size = int(self.run["hidden_size"])
         self.layer_ids = list(self.run["layer_ids"])
         self.num_aux_layers = len(self.layer_ids)
@@ -538,7 +641,7 @@ class HiddenStateStore:
         self._open: dict[str, tuple] = {}
 
     def manifest(self) -> dict:
-        s = summarize(self.records, self.fmt)
+        s = summarize(self.records, self.fmt, self.teacher, self.topk)
         p = self.dir / SUMMARY
         if p.exists():
             s["complete"] = json.loads(p.read_text(encoding="utf-8")).get("complete", {})
@@ -582,7 +685,9 @@ class HiddenStateStore:
         return got
 
     def get(self, split: str, index: int, dtype: torch.dtype = torch.float32) -> dict:
-        """{aux [T, 3H], last_pos [rows], last [rows, H]} of one sample, dequantised to `dtype`."""
+        """{aux [T, 3H], last_pos [rows], and last [rows, H] (teacher "hidden") or topk_val [rows, k]
+        (fp16, shifted so each row's max is 0) + topk_idx [rows, k] (int64 target ids)} of one sample,
+        aux and last dequantised to `dtype`."""
         key = (split, int(index))
         if key not in self._where:
             raise KeyError(f"{self.dir}: {split} sample {index} is not in the store")
@@ -592,17 +697,28 @@ class HiddenStateStore:
         ra, rb = int(row_off[j]), int(row_off[j + 1])
         aux = sf.get_slice("aux")[a:b]
         scale = sf.get_slice("aux_scale")[a:b] if has_scale else None
-        return {"aux": _dequantize(aux, scale, self.num_aux_layers, dtype),
-                "last_pos": sf.get_slice("last_pos")[ra:rb].long(),
-                "last": sf.get_slice("last")[ra:rb].to(dtype)}
+        out = {"aux": _dequantize(aux, scale, self.num_aux_layers, dtype),
+               "last_pos": sf.get_slice("last_pos")[ra:rb].long()}
+        if self.teacher == "topk":
+            out["topk_val"] = sf.get_slice("topk_val")[ra:rb]
+            out["topk_idx"] = sf.get_slice("topk_idx")[ra:rb].long()
+        else:
+            out["last"] = sf.get_slice("last")[ra:rb].to(dtype)
+        return out
 
     def batch(self, split: str, indices: list[int], T: int, dtype: torch.dtype = torch.float32,
-              lengths: list[int] | None = None) -> tuple[Tensor, Tensor]:
-        """(aux [B, T, 3H], last [B, T, H]) for these samples, zero-padded; `last` is zero where the
-        store keeps no teacher row (never counted by the TTT)."""
+              lengths: list[int] | None = None):
+        """(aux [B, T, 3H], teacher) for these samples, zero-padded. Teacher "hidden": last [B, T, H],
+        zero where the store keeps no teacher row (never counted by the TTT). Teacher "topk": a pair
+        (values [B, T, k] in `dtype`, ids [B, T, k] int64) for `topk_logits`; rows the store does not
+        keep hold the lowest finite value at id 0, so they turn into uniform logits."""
         B, H = len(indices), self.hidden_size
         aux = torch.zeros(B, T, self.num_aux_layers * H, dtype=dtype)
-        last = torch.zeros(B, T, H, dtype=dtype)
+        if self.teacher == "topk":
+            vals = torch.full((B, T, self.topk), torch.finfo(dtype).min, dtype=dtype)
+            ids = torch.zeros(B, T, self.topk, dtype=torch.int64)
+        else:
+            last = torch.zeros(B, T, H, dtype=dtype)
         for b, i in enumerate(indices):
             s = self.get(split, i, dtype)
             n = s["aux"].shape[0]
@@ -610,8 +726,12 @@ class HiddenStateStore:
                 raise StoreError(f"{self.dir}: {split} sample {i} has {n} tokens in the store but "
                                  f"{lengths[b]} in the tokenised cache: the store was made from other data")
             aux[b, :n] = s["aux"]
-            last[b, s["last_pos"]] = s["last"]
-        return aux, last
+            if self.teacher == "topk":
+                vals[b, s["last_pos"]] = s["topk_val"].to(dtype)
+                ids[b, s["last_pos"]] = s["topk_idx"]
+            else:
+                last[b, s["last_pos"]] = s["last"]
+        return aux, ((vals, ids) if self.teacher == "topk" else last)
 
 
 def check_store_matches(run: dict, *, target: dict | None = None, cache_key: str | None = None,

@@ -76,8 +76,9 @@ class OnlineTeacher:
 
 
 class OfflineTeacher:
-    """A hidden-state store in place of the target: aux states read from disk, logits recomputed from the
-    stored last hidden state with the target's lm_head (zero rows where the TTT never counts)."""
+    """A hidden-state store in place of the target: aux states read from disk; logits recomputed from the
+    stored last hidden state with the target's lm_head (zero rows where the TTT never counts), or, for a
+    top-k store, rebuilt from the stored top-k logits (a low finite floor elsewhere: see `topk_logits`)."""
 
     def __init__(self, head, sources: dict, device: torch.device, dtype: torch.dtype):
         self.head = head
@@ -90,9 +91,17 @@ class OfflineTeacher:
         store, rows = self.sources[split]
         idx = [rows[i] for i in batch.indices] if rows is not None else list(batch.indices)
         lengths = [int(x) for x in batch.attention_mask.sum(1).tolist()]
-        aux, last = store.batch(split, idx, batch.input_ids.shape[1], dtype=self.dtype, lengths=lengths)
-        last = last.to(self.device)
-        return aux.to(self.device), self.head.logits_from_hidden(last)
+        aux, teacher = store.batch(split, idx, batch.input_ids.shape[1], dtype=self.dtype, lengths=lengths)
+        if store.teacher == "topk":
+            from ..offline.store import topk_logits
+
+            vals, ids = teacher
+            # run.json's vocab_size (checked against the target when the store was opened) is the width
+            # the TTT expects; no lm_head is needed.
+            logits = topk_logits(vals.to(self.device), ids.to(self.device), int(store.run["vocab_size"]),
+                                 self.dtype)
+            return aux.to(self.device), logits
+        return aux.to(self.device), self.head.logits_from_hidden(teacher.to(self.device))
 
 
 def _store_rows(store, split: str, n: int, where: str) -> list[int] | None:
@@ -112,8 +121,9 @@ def _store_rows(store, split: str, n: int, where: str) -> list[int] | None:
 def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bool):
     """(target head, teacher, data, train dataset, train row map, eval source) for offline training.
 
-    The target's decoder weights are never loaded: only its config, embedding and lm_head. The store
-    must come from this target (weights hash), these layers and this tokenised cache."""
+    The target's decoder weights are never loaded: only its config, embedding and (unless every store
+    holds a top-k teacher) lm_head. The store must come from this target (weights hash), these layers
+    and this tokenised cache."""
     from ..config import read_run_json
     from ..offline.store import HiddenStateStore, StoreError, TargetHead, check_store_matches, target_identity
 
@@ -126,8 +136,10 @@ def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bo
     if cfg.aux_layer_ids is not None:
         check_store_matches(run, layer_ids=cfg.aux_layer_ids, where=where)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
+    ev_store = HiddenStateStore(cfg.eval_hidden_states) if cfg.eval_hidden_states else store
+    need_head = store.teacher != "topk" or ev_store.teacher != "topk"
     head = TargetHead(name, dtype=dtype, device=info.device, layer_ids=run["layer_ids"],
-                      pad_token_id=run.get("pad_token_id"))
+                      pad_token_id=run.get("pad_token_id"), lm_head=need_head)
     check_store_matches(run, vocab_size=head.vocab_size, where=where)
     dump_cfg = run.get("config") or {}
     if cfg.train_data:
@@ -157,7 +169,6 @@ def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bo
     sources = {"train": (store, train_rows)}
     eval_ds = None
     if data.eval is not None and len(data.eval):
-        ev_store = HiddenStateStore(cfg.eval_hidden_states) if cfg.eval_hidden_states else store
         if cfg.eval_hidden_states:
             check_store_matches(ev_store.run, target=ident, cache_key=key, vocab_size=head.vocab_size,
                                 layer_ids=run["layer_ids"], where=str(ev_store.dir))
@@ -172,7 +183,8 @@ def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bo
         else:
             events.warning(f"{ev_store.dir}: holds no eval split; offline training runs without evaluation")
     teacher = OfflineTeacher(head, sources, info.device, dtype)
-    events.emit("offline_store", path=where, format=run.get("format"), target=ident["resolved"],
+    events.emit("offline_store", path=where, format=run.get("format"), teacher=store.teacher,
+                topk=store.topk if store.teacher == "topk" else None, target=ident["resolved"],
                 train_samples=len(train_ds), eval_samples=len(eval_ds) if eval_ds is not None else 0)
     return head, teacher, data, train_ds, eval_ds
 
