@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import sys
 import tempfile
@@ -39,9 +38,8 @@ from specforge_core.offline.dump import DumpConfig, dump_hidden_states  # noqa: 
 from specforge_core.offline.store import bytes_per_token, specforge_bytes_per_token  # noqa: E402
 from specforge_core.training.config import TrainConfig  # noqa: E402
 from specforge_core.training.trainer import train  # noqa: E402
+from specforge_core.data.toy import write_conversations  # noqa: E402
 
-CITIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
-          ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Norway", "Oslo"), ("Cuba", "Havana")]
 
 # (name, aux format, teacher, k); the first is the reference everything is compared with.
 OPTIONS = [("bfloat16", "bfloat16", "hidden", None),
@@ -51,23 +49,6 @@ OPTIONS = [("bfloat16", "bfloat16", "hidden", None),
            ("bfloat16+top64", "bfloat16", "topk", 64),
            ("fp8_e4m3+top32", "fp8_e4m3", "topk", 32),
            ("fp8_e4m3+top8", "fp8_e4m3", "topk", 8)]
-
-
-def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
-    """The regular chat data of tests/test_train.py (a draft learns it in a few dozen steps)."""
-    rnd = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            country, city = rnd.choice(CITIES)
-            a, b = rnd.randint(2, 40), rnd.randint(2, 40)
-            turns = [{"role": "user", "content": f"What is the capital of {country}?"},
-                     {"role": "assistant", "content": f"The capital of {country} is {city}. It is a large city "
-                                                      f"and the seat of the government of {country}."}]
-            if i % 2:
-                turns += [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
-            f.write(json.dumps({"id": f"row{i}", "conversations": turns}) + "\n")
-    return path
 
 
 def summarize(rows: list[dict], a, quiet: bool = False) -> None:

@@ -39,7 +39,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -70,7 +70,7 @@ def default_model_dir() -> Path:
     target = specforge_home() / "models" / DEFAULT_NAME
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    with _file_lock(specforge_home() / "models" / f".{DEFAULT_NAME}.lock"):
+    with file_lock(specforge_home() / "models" / f".{DEFAULT_NAME}.lock"):
         if (target / "config.json").exists() and (target / "model.safetensors").exists():
             return target
         _convert_smollm2(target)
@@ -132,7 +132,7 @@ def llama3_tokenizer_dir() -> Path:
     target = specforge_home() / "tokenizers" / "llama3"
     if (target / "tokenizer.json").exists():
         return target
-    with _file_lock(specforge_home() / "tokenizers" / ".llama3.lock"):
+    with file_lock(specforge_home() / "tokenizers" / ".llama3.lock"):
         if (target / "tokenizer.json").exists():
             return target
         _build_llama3_tokenizer(target)

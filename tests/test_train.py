@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,27 +15,9 @@ import pytest
 
 from conftest import tiny_llama_config
 from specforge_core.events import null_events, read_events
+from specforge_core.data.toy import write_conversations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CITIES = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Egypt", "Cairo"),
-          ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"), ("Norway", "Oslo"), ("Cuba", "Havana")]
-
-
-def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
-    """Small, regular chat data written for these tests (a draft can learn it in a few dozen steps)."""
-    rnd = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            country, city = rnd.choice(CITIES)
-            a, b = rnd.randint(2, 40), rnd.randint(2, 40)
-            turns = [{"role": "user", "content": f"What is the capital of {country}?"},
-                     {"role": "assistant", "content": f"The capital of {country} is {city}. It is a large city "
-                                                      f"and the seat of the government of {country}."}]
-            if i % 2:
-                turns += [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
-            f.write(json.dumps({"id": f"row{i}", "conversations": turns}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ and rebuilds the (cheap) vocab, and says so.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -40,6 +38,7 @@ import numpy as np
 
 from ..config import BuildCacheConfig, read_run_json, write_run_json
 from ..events import Events, JobCancelled
+from ..targets import file_lock
 from .vocab import VocabMapping, build_vocab_mapping, count_tokens, load_vocab_mapping, save_vocab_mapping
 
 CACHE_FORMAT = 1
@@ -363,17 +362,6 @@ def _build_vocab(split_dir: Path, key: str, draft_vocab_size: int, vocab_size: i
 # ------------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def is_complete(path: str | Path) -> bool:
     p = Path(path)
     return (p / DONE).exists() and (p / "run.json").exists()
@@ -417,7 +405,7 @@ def build_cache(cfg: BuildCacheConfig, events: Events) -> dict:
     events.emit("cache_key", key=key, path=str(out))
 
     if is_complete(out) and not cfg.overwrite:
-        with _lock(root / f".{key}.lock"):
+        with file_lock(root / f".{key}.lock"):
             summary = _reuse(out, cfg, key, vocab_size, events)
         events.emit("cache_reused", path=str(out), seconds=round(time.time() - t0, 3))
         return summary
@@ -427,7 +415,7 @@ def build_cache(cfg: BuildCacheConfig, events: Events) -> dict:
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # progress goes out as events, not as tqdm bars on stderr
     try:
-        with _lock(root / f".{key}.lock"):
+        with file_lock(root / f".{key}.lock"):
             if is_complete(out) and not cfg.overwrite:  # another process finished it while we waited
                 return _reuse(out, cfg, key, vocab_size, events)
             return _build_locked(cfg, key, out, vocab_size, events, t0)

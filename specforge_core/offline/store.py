@@ -62,6 +62,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from ..events import read_events
+
 STORE_KIND = "hidden-states"
 STORE_FORMAT = 2           # 2: optional top-k teacher; format-1 stores (last hidden state) still read
 JOURNAL = "manifest.jsonl"
@@ -324,22 +326,7 @@ def file_crc32(p: Path) -> int:
 
 def read_journal(directory: Path) -> list[dict]:
     """Committed shard records; a torn last line (crash mid-append) is ignored."""
-    p = Path(directory) / JOURNAL
-    out = []
-    if not p.exists():
-        return out
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "shard" in rec:
-                out.append(rec)
-    return out
+    return [r for r in read_events(Path(directory) / JOURNAL) if isinstance(r, dict) and "shard" in r]
 
 
 def _quantize_fp8(aux: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
