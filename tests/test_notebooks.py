@@ -99,6 +99,9 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch, default_model_di
     # The kernel runs in the temp dir, so it is told where the notebooks' sample data is (it inherits
     # this environment; SPECFORGE_HOME is left alone so the converted SmolLM2 is shared).
     monkeypatch.setenv("SPECFORGE_NB_ASSETS", str(NB_DIR / "assets"))
+    # Notebook 03 decodes in a server thread while the kernel thread runs the client: two torch
+    # thread pools on 2 cores spin against each other (observed 10x+ slowdowns), so one thread each.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = _tree(ROOT / "notebooks")
     client = NotebookClient(nb, km=km, kernel_name="python3", timeout=600,
                             resources={"metadata": {"path": str(work)}})
