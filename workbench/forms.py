@@ -2,8 +2,8 @@
 
 `field_spec` maps a config field to the component that edits it (bool -> Checkbox, Literal ->
 Dropdown, int / float -> Number, list -> Textbox of space-separated values, str -> Textbox), with
-the label from its name and the info line from its description. `build_form` lays out a `Form`
-(components by field name, in order) inside the open Blocks context; `form_to_config` turns the
+the label from its name and the info line from its description. `two_columns` / `advanced_rows`
+lay the components out inside the open Blocks context; `values_to_config` turns the
 values a handler receives back into the config object through `specforge_core.config.build_config`,
 and reports every problem by field. The conversion half (`spec.parse`, `values_to_config`) has no
 Gradio in it, so handlers stay plain functions that tests call directly.
@@ -16,7 +16,7 @@ import re
 import shlex
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from specforge_core.config import ConfigError, JobConfig, _unwrap_optional, build_config
 
@@ -232,25 +232,6 @@ def render_errors(err: FormError | str, specs: Sequence[FieldSpec] = ()) -> str:
 # ------------------------------------------------------------------------------------------------
 # Gradio layout
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class Form:
-    """A config form: its class, the field specs and the components, all in the same order."""
-
-    cls: type[JobConfig]
-    specs: list[FieldSpec]
-    components: dict[str, Any]
-
-    @property
-    def inputs(self) -> list[Any]:
-        return [self.components[s.name] for s in self.specs]
-
-    def to_config(self, values: Sequence[Any], fixed: dict[str, Any] | None = None, transform: Any = None) -> JobConfig:
-        return values_to_config(self.cls, self.specs, values, fixed, transform)
-
-    def __getitem__(self, name: str) -> Any:
-        return self.components[name]
-
-
 def make_component(spec: FieldSpec, value: Any = _UNSET, elem_id: str | None = None, **kw: Any) -> Any:
     import gradio as gr
 
@@ -275,31 +256,24 @@ def make_component(spec: FieldSpec, value: Any = _UNSET, elem_id: str | None = N
     return gr.Textbox(value=shown, placeholder=placeholder, lines=1, max_lines=3, **common)
 
 
-def build_form(cls: type[JobConfig], names: Iterable[str] | None = None, values: dict[str, Any] | None = None,
-               elem_prefix: str = "", columns: int = 2, overrides: dict[str, dict] | None = None) -> Form:
-    """Lay out one component per field (in rows of `columns`) inside the current Blocks context.
-
-    `values` replaces schema defaults (e.g. workspace-relative paths); `overrides[name]` is passed to
-    the component (label, info, choices ...). Each component gets `elem_id = f"{elem_prefix}{name}"`.
-    """
+def two_columns(specs: Sequence[FieldSpec], make: Callable[[FieldSpec], Any]) -> None:
+    """The main fields of a form, in two columns, inside the open Blocks context."""
     import gradio as gr
 
-    specs = field_specs(cls, names)
-    values = values or {}
-    overrides = overrides or {}
-    comps: dict[str, Any] = {}
-    for i in range(0, len(specs), columns):
-        with gr.Row(equal_height=False):
-            for spec in specs[i:i + columns]:
-                kw = dict(overrides.get(spec.name, {}))
-                if "choices" in kw and spec.kind in ("dropdown", "multiselect"):
-                    spec.choices = list(kw["choices"])
-                if "label" in kw:
-                    spec.label = kw["label"]
-                if "info" in kw:
-                    spec.info = kw.pop("info")
-                kw.pop("label", None)
-                kw.pop("choices", None)
-                comps[spec.name] = make_component(spec, values.get(spec.name, _UNSET),
-                                                  elem_id=f"{elem_prefix}{spec.name}" if elem_prefix else None, **kw)
-    return Form(cls=cls, specs=specs, components=comps)
+    with gr.Row(equal_height=False):
+        for col in (specs[0::2], specs[1::2]):
+            with gr.Column(min_width=300):
+                for spec in col:
+                    make(spec)
+
+
+def advanced_rows(specs: Sequence[FieldSpec], make: Callable[[FieldSpec], Any], title: str,
+                  elem_id: str | None = None) -> None:
+    """Every other field of a form, three to a row, in a closed accordion."""
+    import gradio as gr
+
+    with gr.Accordion(title, open=False, elem_id=elem_id):
+        for i in range(0, len(specs), 3):
+            with gr.Row(equal_height=False):
+                for spec in specs[i:i + 3]:
+                    make(spec)

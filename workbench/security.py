@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Iterable
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 
@@ -92,3 +93,19 @@ def resolve_in_workspace(root: str | os.PathLike, user_path: str | os.PathLike) 
         raise PathOutsideWorkspace(
             f"{raw}: outside the workspace ({root_resolved}); only files under the workspace can be opened here")
     return resolved
+
+
+def resolve_path_fields(root: str | os.PathLike, data: dict, fields: Iterable[str]) -> tuple[dict, dict[str, str]]:
+    """A copy of `data` whose path fields (a path or a list of paths) are resolved inside the
+    workspace, and the fields refused, by name."""
+    out, errors = dict(data), {}
+    for name in fields:
+        v = out.get(name)
+        if v is None:
+            continue
+        try:
+            out[name] = [str(resolve_in_workspace(root, x)) for x in v] if isinstance(v, list) \
+                else str(resolve_in_workspace(root, v))
+        except PathOutsideWorkspace as e:
+            errors[name] = str(e)
+    return out, errors

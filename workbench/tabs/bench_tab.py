@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..forms import FieldSpec, FormError, field_specs, render_errors, values_to_config
-from ..security import PathOutsideWorkspace, resolve_in_workspace
+from ..forms import FieldSpec, FormError, advanced_rows, field_specs, render_errors, two_columns, values_to_config
+from ..security import PathOutsideWorkspace, resolve_in_workspace, resolve_path_fields
 from .jobs_tab import job_runner, job_status_html, render_message, submit_job
 
 TITLE = "Benchmark"
@@ -86,13 +86,7 @@ def workspace_paths(ws: Path):
     def transform(data: dict) -> dict:
         from .train_tab import _resolve_model_name
 
-        out, errors = dict(data), {}
-        for name in PATH_FIELDS:
-            if out.get(name):
-                try:
-                    out[name] = str(resolve_in_workspace(ws, out[name]))
-                except PathOutsideWorkspace as e:
-                    errors[name] = str(e)
+        out, errors = resolve_path_fields(ws, data, PATH_FIELDS)
         for name in ("target", "tokenizer"):
             if out.get(name):
                 try:
@@ -281,16 +275,8 @@ def build(ctx) -> dict:
         comps[spec.name] = make_component(spec, GUI_DEFAULTS.get(spec.name, spec.default),
                                           elem_id=f"bench-{spec.name.replace('_', '-')}")
 
-    with gr.Row(equal_height=False):
-        for col in (main[0::2], main[1::2]):
-            with gr.Column(min_width=300):
-                for s in col:
-                    comp(s)
-    with gr.Accordion("Advanced (every other BenchConfig field)", open=False):
-        for i in range(0, len(adv), 3):
-            with gr.Row(equal_height=False):
-                for s in adv[i:i + 3]:
-                    comp(s)
+    two_columns(main, comp)
+    advanced_rows(adv, comp, "Advanced (every other BenchConfig field)")
     inputs = [comps[s.name] for s in main + adv]
     if reference_available():
         with gr.Accordion("Reference server for small targets (SGLang's API, in-process, CPU-friendly)", open=False):

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..forms import FieldSpec, FormError, field_specs, render_errors, values_to_config
-from ..security import PathOutsideWorkspace, resolve_in_workspace
+from ..forms import FieldSpec, FormError, advanced_rows, field_specs, render_errors, two_columns, values_to_config
+from ..security import PathOutsideWorkspace, resolve_path_fields
 from .jobs_tab import job_runner, job_status_html, render_message, submit_job
 
 TITLE = "Regenerate"
@@ -56,16 +56,7 @@ def workspace_paths(ws: Path):
     def transform(data: dict) -> dict:
         from .train_tab import _resolve_model_name
 
-        out, errors = dict(data), {}
-        for name in PATH_FIELDS:
-            v = out.get(name)
-            if v is None:
-                continue
-            try:
-                out[name] = [str(resolve_in_workspace(ws, x)) for x in v] if isinstance(v, list) \
-                    else str(resolve_in_workspace(ws, v))
-            except PathOutsideWorkspace as e:
-                errors[name] = str(e)
+        out, errors = resolve_path_fields(ws, data, PATH_FIELDS)
         for p in out.get("input") or []:
             if "input" not in errors and not Path(p).exists():
                 errors["input"] = f"{_rel(ws, p)}: no such file in the workspace"
@@ -195,16 +186,8 @@ def build(ctx) -> dict:
         comps[spec.name] = make_component(spec, GUI_DEFAULTS.get(spec.name, spec.default),
                                           elem_id=f"regen-{spec.name.replace('_', '-')}")
 
-    with gr.Row(equal_height=False):
-        for col in (main[0::2], main[1::2]):
-            with gr.Column(min_width=300):
-                for s in col:
-                    comp(s)
-    with gr.Accordion("Advanced (every other RegenConfig field)", open=False):
-        for i in range(0, len(adv), 3):
-            with gr.Row(equal_height=False):
-                for s in adv[i:i + 3]:
-                    comp(s)
+    two_columns(main, comp)
+    advanced_rows(adv, comp, "Advanced (every other RegenConfig field)")
     inputs = [comps[s.name] for s in main + adv]
     with gr.Row(equal_height=False, elem_classes=["wb-buttons"]):
         c["launch"] = gr.Button("Start regeneration", variant="primary", elem_id="regen-launch", scale=2)

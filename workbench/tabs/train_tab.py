@@ -18,8 +18,8 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..forms import FieldSpec, FormError, field_specs, render_errors, values_to_config
-from ..security import PathOutsideWorkspace, resolve_in_workspace
+from ..forms import FieldSpec, FormError, advanced_rows, field_specs, render_errors, two_columns, values_to_config
+from ..security import PathOutsideWorkspace, resolve_in_workspace, resolve_path_fields
 from .jobs_tab import job_runner, job_status_html, render_message, submit_job
 
 TITLE = "Train"
@@ -75,17 +75,7 @@ def workspace_paths(ws: Path):
     """The form's `transform`: every path field resolved inside the workspace, errors by field."""
 
     def transform(data: dict) -> dict:
-        errors: dict[str, str] = {}
-        out = dict(data)
-        for name in PATH_FIELDS:
-            v = out.get(name)
-            if v is None:
-                continue
-            try:
-                out[name] = [str(resolve_in_workspace(ws, x)) for x in v] if isinstance(v, list) \
-                    else str(resolve_in_workspace(ws, v))
-            except PathOutsideWorkspace as e:
-                errors[name] = str(e)
+        out, errors = resolve_path_fields(ws, data, PATH_FIELDS)
         for name in MODEL_FIELDS:
             v = out.get(name)
             if v:
@@ -399,11 +389,7 @@ def build(ctx) -> dict:
         c["components"][spec.name] = x
         return x
 
-    with gr.Row(equal_height=False):
-        for col in (main[0::2], main[1::2]):
-            with gr.Column(min_width=300):
-                for s in col:
-                    comp(s)
+    two_columns(main, comp)
     with gr.Accordion("Offline training (hidden states on disk)", open=False, elem_id="train-offline"):
         with gr.Row():
             for s in off:
@@ -412,11 +398,7 @@ def build(ctx) -> dict:
             c["estimate_btn"] = gr.Button("Estimate disk for a dump", size="sm", elem_id="train-estimate",
                                           scale=0, min_width=240, interactive=offline_available())
         c["estimate"] = gr.Markdown(elem_id="train-estimate-out")
-    with gr.Accordion("Advanced (every other TrainConfig field)", open=False, elem_id="train-advanced"):
-        for i in range(0, len(adv), 3):
-            with gr.Row(equal_height=False):
-                for s in adv[i:i + 3]:
-                    comp(s)
+    advanced_rows(adv, comp, "Advanced (every other TrainConfig field)", elem_id="train-advanced")
     specs = main + off + adv
     inputs = [c["components"][s.name] for s in specs]
     with gr.Row(equal_height=False):
