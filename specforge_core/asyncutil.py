@@ -31,3 +31,53 @@ def run_sync(coro: Coroutine) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+class ServerThread:
+    """An asyncio server (anything with `async start(host, port) -> port` and `async stop()`) on its own
+    event loop in a daemon thread: how tests, notebooks and benches run the project's loopback servers."""
+
+    what = "server"
+
+    def __init__(self, server: Any, host: str = "127.0.0.1", port: int = 0):
+        self.server = server
+        self.host, self._port = host, port
+        self.port: int | None = None
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.port = self.loop.run_until_complete(self.server.start(self.host, self._port))
+        except BaseException as e:  # noqa: BLE001 - reported to the starting thread
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.server.stop())
+        self.loop.close()
+
+    def start(self):
+        self._thread.start()
+        if not self._ready.wait(30) or self._error:
+            raise RuntimeError(f"{self.what} did not start: {self._error}")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

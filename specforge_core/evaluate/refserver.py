@@ -37,6 +37,7 @@ from pydantic import Field
 
 from ..config import JobConfig
 from ..events import Events
+from ..asyncutil import ServerThread
 
 try:
     import orjson
@@ -414,50 +415,10 @@ def _error(status: int, message: str) -> web.Response:
                             "code": status}}, status)
 
 
-class ReferenceServerThread:
+class ReferenceServerThread(ServerThread):
     """A `ReferenceServer` on a free loopback port in a daemon thread (tests, notebooks)."""
 
-    def __init__(self, server: ReferenceServer, host: str = "127.0.0.1", port: int = 0):
-        self.server = server
-        self.host, self._port = host, port
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self.server.start(self.host, self._port))
-        except BaseException as e:  # noqa: BLE001 - reported to the starting thread
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.server.stop())
-        self.loop.close()
-
-    def start(self) -> "ReferenceServerThread":
-        self._thread.start()
-        if not self._ready.wait(30) or self._error:
-            raise RuntimeError(f"reference server did not start: {self._error}")
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.server.port}"
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-
-    def __enter__(self) -> "ReferenceServerThread":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    what = "reference server"
 
 
 def serve_reference(cfg: ServeReferenceConfig, events: Events) -> dict:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from aiohttp import web
+from ..asyncutil import ServerThread as _LoopThread
 
 try:
     import orjson
@@ -241,55 +242,24 @@ def _error(status: int, message: str) -> web.Response:
                         content_type="application/json")
 
 
-class ServerThread:
+class ServerThread(_LoopThread):
     """An `OpenAITestServer` on a free loopback port in a daemon thread (for tests).
 
     `with ServerThread(faults=Faults(fail_rate=0.2)) as s: s.address` -> "127.0.0.1:PORT".
     """
 
+    what = "test server"
+
     def __init__(self, **kw: Any):
-        self.server = OpenAITestServer(**kw)
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.port: int | None = None
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.port = self.loop.run_until_complete(self.server.start())
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.server.stop())
-        self.loop.close()
-
-    def start(self) -> "ServerThread":
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("test server did not start")
-        return self
+        super().__init__(OpenAITestServer(**kw))
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def kill(self) -> None:
         """Die abruptly (listener closed, connections cut) but keep the thread for stats."""
         asyncio.run_coroutine_threadsafe(self.server.die(), self.loop).result(10)
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-
-    def __enter__(self) -> "ServerThread":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
