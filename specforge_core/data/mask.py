@@ -25,7 +25,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from .templates import AUTO, ChatTemplate, TemplateError, get_template, markers_from_tokenizer, spans_from_markers
+from .templates import AUTO, TemplateError, get_template, markers_from_tokenizer, spans_from_markers
 
 
 class MaskError(ValueError):
@@ -134,6 +134,10 @@ def _only_last(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return spans[-1:] if spans else spans
 
 
+# Markers of a template come from three probe renderings: once per compiled template, not per row.
+_markers = functools.lru_cache(maxsize=16)(markers_from_tokenizer)
+
+
 def render_sample(sample: Union[dict, str], tokenizer, template: str,
                   train_only_last_turn: bool = False) -> tuple[str, str, list[tuple[int, int]], Optional[str]]:
     """(id, text, trained character spans, warning) for a row in our schema or a raw text."""
@@ -146,7 +150,7 @@ def render_sample(sample: Union[dict, str], tokenizer, template: str,
         text = sample["text"]
         if name == AUTO:
             try:
-                header, ends = markers_from_tokenizer(_renderer_for(tokenizer))
+                header, ends = _markers(_renderer_for(tokenizer))
             except TemplateError as e:
                 raise MaskError(str(e)) from None
         else:
@@ -251,13 +255,3 @@ def _mask_many(rows, tokenizer, template, max_length, train_only_last_turn, rais
         sid, text, spans, warning = x
         out.append(_finish(sid, text, spans, warning, enc.ids, enc.offsets, max_length, name))
     return out
-
-
-def template_for(tokenizer_or_name: str) -> Optional[ChatTemplate]:
-    """The named template a tokenizer name suggests, if any (used for defaults in forms)."""
-    n = tokenizer_or_name.lower()
-    if "llama-3" in n or "llama3" in n:
-        return get_template("llama3")
-    if n in ("default", "smollm2", "smollm2-135m-instruct"):
-        return get_template("chatml")
-    return None
