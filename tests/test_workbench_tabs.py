@@ -186,7 +186,7 @@ def test_prepare_config_is_built_inside_the_workspace(ws):
 
 
 def _wait(ws, job_id, timeout=90.0):
-    from workbench.tabs.jobs_tab import job_runner
+    from workbench.common import job_runner
 
     return job_runner(ws).wait(job_id, timeout=timeout)
 

@@ -16,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from . import common  # noqa: E402
 from .tabs import TabContext, load_tabs  # noqa: E402
 
 CSS_PATH = Path(__file__).with_name("style.css")
@@ -23,8 +24,9 @@ TITLE = "specforge-wb"
 
 
 def load_css() -> str:
-    """style.css plus each tab module's own `CSS` (a tab's look lives beside its layout)."""
-    parts = [CSS_PATH.read_text(encoding="utf-8")]
+    """style.css, the job cards every job tab shows, and each tab module's own `CSS` (a tab's look
+    lives beside its layout)."""
+    parts = [CSS_PATH.read_text(encoding="utf-8"), common.CSS]
     for mod in load_tabs():
         if getattr(mod, "CSS", None):
             parts.append(mod.CSS)

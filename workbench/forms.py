@@ -2,11 +2,16 @@
 
 `field_spec` maps a config field to the component that edits it (bool -> Checkbox, Literal ->
 Dropdown, int / float -> Number, list -> Textbox of space-separated values, str -> Textbox), with
-the label from its name and the info line from its description. `two_columns` / `advanced_rows`
-lay the components out inside the open Blocks context; `values_to_config` turns the
+the label from its name and the info line from its description. `values_to_config` turns the
 values a handler receives back into the config object through `specforge_core.config.build_config`,
 and reports every problem by field. The conversion half (`spec.parse`, `values_to_config`) has no
 Gradio in it, so handlers stay plain functions that tests call directly.
+
+Every tab declares its form the same way, as a `SchemaForm`: the config class, the fields shown up
+front, optional groups the tab places itself, the GUI's own defaults, and (unless the tab fixes the
+other fields itself) every other field under "Advanced". `SchemaForm.specs()` is the order in which
+handlers receive the values; `SchemaForm.layout()` lays the components out (`two_columns` /
+`stacked` / `one_row` for the main fields, `advanced_rows` for the rest) inside the open Blocks context.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import re
 import shlex
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from specforge_core.config import ConfigError, JobConfig, _unwrap_optional, build_config
 
@@ -277,3 +282,78 @@ def advanced_rows(specs: Sequence[FieldSpec], make: Callable[[FieldSpec], Any], 
             with gr.Row(equal_height=False):
                 for spec in specs[i:i + 3]:
                     make(spec)
+
+
+def stacked(specs: Sequence[FieldSpec], make: Callable[[FieldSpec], Any]) -> None:
+    """The fields one under the other, in the open column."""
+    for spec in specs:
+        make(spec)
+
+
+def one_row(specs: Sequence[FieldSpec], make: Callable[[FieldSpec], Any]) -> None:
+    """A short form side by side in one row."""
+    import gradio as gr
+
+    with gr.Row():
+        for spec in specs:
+            make(spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# One tab's form
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SchemaForm:
+    """A tab's form over one config class; handlers receive its values in `specs()` order."""
+
+    load: Callable[[], type[JobConfig]]      # imports the engine's config class when first needed (start-up time)
+    main: Sequence[str]
+    elem_prefix: str                         # component elem_ids are `<prefix>-<field-name>`
+    defaults: Mapping[str, Any] = field(default_factory=dict)   # where the GUI differs from the CLI
+    groups: Sequence[Sequence[str]] = ()     # fields after `main` that the tab places itself
+    advanced: bool = True                    # False: the tab fixes every other field itself
+
+    def sections(self) -> list[list[FieldSpec]]:
+        """[main, *groups] and, with `advanced`, every other field in schema order."""
+        cls = self.load()
+        out = [field_specs(cls, self.main), *(field_specs(cls, g) for g in self.groups)]
+        if self.advanced:
+            shown = {s.name for sec in out for s in sec}
+            out.append(field_specs(cls, [n for n in cls.model_fields if n not in shown]))
+        return out
+
+    def specs(self) -> list[FieldSpec]:
+        return [s for sec in self.sections() for s in sec]
+
+    def default(self, spec: FieldSpec) -> Any:
+        return self.defaults.get(spec.name, spec.default)
+
+    def to_config(self, values: Sequence[Any], fixed: dict[str, Any] | None = None, transform: Any = None) -> JobConfig:
+        return values_to_config(self.load(), self.specs(), list(values), fixed=fixed, transform=transform)
+
+    def layout(self, main_layout: Callable[[Sequence[FieldSpec], Callable[[FieldSpec], Any]], None] = two_columns,
+               place_groups: Callable[[list[list[FieldSpec]], Callable[[FieldSpec], Any]], None] | None = None,
+               ) -> tuple[dict[str, Any], list[Any]]:
+        """Lay the form out; (components by field name, the components in `specs()` order).
+
+        `place_groups(groups, make)` lays out the `groups` (the tab decides where, e.g. an accordion
+        with a button of its own); `make(spec)` creates a field's component.
+        """
+        comps: dict[str, Any] = {}
+
+        def make(spec: FieldSpec) -> Any:
+            comps[spec.name] = make_component(spec, self.default(spec),
+                                              elem_id=f"{self.elem_prefix}-{spec.name.replace('_', '-')}")
+            return comps[spec.name]
+
+        sections = self.sections()
+        main_layout(sections[0], make)
+        groups = sections[1:1 + len(self.groups)]
+        if groups:
+            if place_groups is None:
+                raise ValueError(f"{self.elem_prefix}: a form with groups needs place_groups")
+            place_groups(groups, make)
+        if self.advanced:
+            advanced_rows(sections[-1], make, f"Advanced (every other {self.load().__name__} field)",
+                          elem_id=f"{self.elem_prefix}-advanced")
+        return comps, [comps[s.name] for sec in sections for s in sec]

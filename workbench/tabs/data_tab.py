@@ -4,7 +4,8 @@
 Handlers are plain functions: `prepare_config` builds the `PrepareDataConfig` (the form's fields come
 from that schema through `workbench.forms`; the source and the output directory are fixed by the
 tab, inside the workspace), `launch_prepare` submits it as a background job, and `preview_rows`,
-`dataset_stats`, `skipped_rows` read the files the job wrote.
+`dataset_stats`, `skipped_rows` read the files the job wrote (rows and tokenizers through
+`workbench.common`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..forms import FormError, field_specs, render_errors, values_to_config
-from ..security import PathOutsideWorkspace, resolve_in_workspace
-from .jobs_tab import job_status_html, render_message, submit_job
+from ..common import (InputError, job_runner, job_status_html, read_rows, relative_name, render_message,
+                      resolve_input, resolve_tokenizer, start_job, token_lengths, watch_job)
+from ..forms import FormError, SchemaForm, stacked
+from ..plots import token_length_histogram, turns_histogram
+from ..security import resolve_path_fields
 
 TITLE = "Data"
 DATA_DIR = "data"
@@ -30,8 +33,14 @@ STATS_MAX_ROWS = 2000
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".ndjson")
 
 
-class DataInputError(ValueError):
-    """Input the user can fix; shown as a message, never a trace."""
+def _prepare_cls():
+    from specforge_core.config import PrepareDataConfig
+
+    return PrepareDataConfig
+
+
+# The source and the output directory are fixed by the tab, so no "Advanced" fields.
+FORM = SchemaForm(_prepare_cls, FORM_FIELDS, "data", advanced=False)
 
 
 def preset_names() -> list[str]:
@@ -56,13 +65,6 @@ def preset_table():
     return pd.DataFrame(rows)
 
 
-def _resolve(workspace: Path, p: str, what: str) -> Path:
-    try:
-        return resolve_in_workspace(workspace, p)
-    except PathOutsideWorkspace as e:
-        raise DataInputError(f"{what}: {e}") from None
-
-
 def data_files(workspace: str | Path) -> list[str]:
     """Data files under the workspace (relative paths), the prepared ones first; skip reports excluded."""
     ws = Path(workspace)
@@ -81,17 +83,9 @@ def data_files(workspace: str | Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 # prepare-data as a job
 # ------------------------------------------------------------------------------------------------
-def prepare_specs():
-    from specforge_core.config import PrepareDataConfig
-
-    return field_specs(PrepareDataConfig, FORM_FIELDS)
-
-
 def prepare_config(workspace: str | Path, source: str, preset: Optional[str], file_path: str,
                    source_path: str, form_values: Sequence[Any]):
     """The form -> a validated `PrepareDataConfig` writing into `workspace/data`; raises FormError."""
-    from specforge_core.config import PrepareDataConfig
-
     ws = Path(workspace)
     fixed: dict[str, Any] = {"output": str(ws / DATA_DIR)}
     if source == SOURCE_PRESET:
@@ -99,91 +93,43 @@ def prepare_config(workspace: str | Path, source: str, preset: Optional[str], fi
             raise FormError({"dataset": "choose a preset"})
         fixed["dataset"] = preset
         if source_path and source_path.strip():
-            try:
-                fixed["source_path"] = str(resolve_in_workspace(ws, source_path))
-            except PathOutsideWorkspace as e:
-                raise FormError({"source_path": str(e)}) from None
+            fixed["source_path"] = source_path
     else:
         if not file_path or not str(file_path).strip():
             raise FormError({"input": "give a file inside the workspace (e.g. uploads/mine.jsonl)"})
-        try:
-            p = resolve_in_workspace(ws, file_path)
-        except PathOutsideWorkspace as e:
-            raise FormError({"input": str(e)}) from None
-        if not p.exists():
-            raise FormError({"input": f"{file_path}: no such file in the workspace"})
-        fixed["input"] = [str(p)]
-    return values_to_config(PrepareDataConfig, prepare_specs(), list(form_values), fixed=fixed)
+        fixed["input"] = [file_path]
+    fixed, errors = resolve_path_fields(ws, fixed, ("source_path", "input"))
+    if errors:
+        raise FormError(errors)
+    if "input" in fixed and not Path(fixed["input"][0]).exists():
+        raise FormError({"input": f"{file_path}: no such file in the workspace"})
+    return FORM.to_config(form_values, fixed=fixed)
 
 
 def launch_prepare(workspace: str | Path, source: str, preset: Optional[str], file_path: str, source_path: str,
                    *form_values: Any) -> tuple[str, Optional[str]]:
     """Submit the prepare-data job; returns (status html, job id or None). Never raises."""
-    try:
-        cfg = prepare_config(workspace, source, preset, file_path, source_path, form_values)
-    except FormError as e:
-        return render_errors(e, prepare_specs()), None
-    try:
-        job = submit_job(workspace, "prepare-data", cfg)
-    except Exception as e:  # noqa: BLE001
-        return render_message(f"could not start the job: {e}", ok=False), None
-    return job_status_html(job), job.id
+    return start_job(workspace, "prepare-data",
+                     lambda: prepare_config(workspace, source, preset, file_path, source_path, form_values),
+                     FORM.specs())
 
 
 def poll_job(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optional[str]]:
     """(status card, the train file once the job finished, else None)."""
     if not job_id:
         return job_status_html(None), None
-    from .jobs_tab import job_runner
-
-    r = job_runner(workspace)
-    try:
-        job = r.get(job_id)
-    except KeyError:
-        return render_message(f"no job {job_id}", ok=False), None
-    card = job_status_html(job, r.progress(job_id))
-    train = None
-    if job.status == "finished":
-        res = r.result(job_id) or {}
-        if res.get("train_path"):
-            train = _relative(Path(workspace), res["train_path"])
-            card += render_message(f"{res.get('written_train', 0)} train / {res.get('written_eval', 0)} eval rows "
-                                   f"written, {res.get('skipped', 0)} skipped, {res.get('duplicates', 0)} duplicates")
-    elif job.status in ("failed", "lost"):
-        tail = r.log_tail(job_id, 6)
-        card += f'<pre class="job-log-snippet">{html.escape(tail)}</pre>'
+    w = watch_job(workspace, job_id, log_lines=6)
+    res, card, train = w.result, w.card, None
+    if res.get("train_path"):
+        train = relative_name(workspace, res["train_path"])
+        card += render_message(f"{res.get('written_train', 0)} train / {res.get('written_eval', 0)} eval rows "
+                               f"written, {res.get('skipped', 0)} skipped, {res.get('duplicates', 0)} duplicates")
     return card, train
-
-
-def _relative(ws: Path, p: str) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(ws.resolve()))
-    except ValueError:
-        return p
 
 
 # ------------------------------------------------------------------------------------------------
 # Looking at a dataset
 # ------------------------------------------------------------------------------------------------
-def _read_rows(path: Path, limit: int) -> tuple[list[dict], Any]:
-    from specforge_core.data.readers import SkipReport, iter_rows
-
-    if not path.exists():
-        raise DataInputError(f"{path.name}: no such file in the workspace")
-    if path.is_dir():
-        raise DataInputError(f"{path.name}: is a directory; choose a .jsonl, .json or .parquet file")
-    report = SkipReport(max_examples=5)
-    rows = []
-    try:
-        for row in iter_rows([path], report=report):
-            rows.append(row)
-            if len(rows) >= limit:
-                break
-    except (FileNotFoundError, ValueError) as e:
-        raise DataInputError(str(e)) from None
-    return rows, report
-
-
 def _snippet(text: str, n: int = 120) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -200,8 +146,8 @@ def preview_rows(workspace: str | Path, file_path: str, n: int = 20):
     """The first `n` valid rows of a workspace file as a DataFrame."""
     import pandas as pd
 
-    path = _resolve(Path(workspace), file_path, "file")
-    rows, _ = _read_rows(path, max(1, int(n)))
+    path = resolve_input(workspace, file_path, "file")
+    rows, _ = read_rows(path, max(1, int(n)))
     out = []
     for r in rows:
         conv = r.get("conversations")
@@ -212,29 +158,6 @@ def preview_rows(workspace: str | Path, file_path: str, n: int = 20):
         out.append({"id": r.get("id"), "turns": len(conv), "roles": " ".join(t.get("role", "?")[0] for t in conv),
                     "first user turn": _first(r, "user"), "first assistant turn": _first(r, "assistant")})
     return pd.DataFrame(out, columns=PREVIEW_COLUMNS)
-
-
-def token_lengths(rows: Sequence[dict], tokenizer: Any) -> list[int]:
-    """Tokens per row as training sees them: the chat-templated conversation (or the text row)."""
-    out = []
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    for r in rows:
-        conv = r.get("conversations")
-        if conv is None:
-            out.append(len(tokenizer(r.get("text", ""), add_special_tokens=False)["input_ids"]))
-            continue
-        msgs = [{"role": t["role"], "content": t.get("content", "")} for t in conv]
-        if has_template:
-            try:
-                ids = tokenizer.apply_chat_template(msgs, tokenize=True)
-                if isinstance(ids, dict) or hasattr(ids, "keys"):
-                    ids = ids["input_ids"]
-                out.append(len(ids))
-                continue
-            except Exception:  # noqa: BLE001 - a template that rejects the row: count the raw text instead
-                pass
-        out.append(len(tokenizer("\n".join(m["content"] for m in msgs), add_special_tokens=False)["input_ids"]))
-    return out
 
 
 def _describe(values: Sequence[float]) -> str:
@@ -248,19 +171,13 @@ def _describe(values: Sequence[float]) -> str:
 def dataset_stats(workspace: str | Path, file_path: str, tokenizer_name: str = "default",
                   max_rows: int = STATS_MAX_ROWS) -> tuple[str, Any, Any, dict]:
     """(markdown summary, turns histogram, token-length histogram, raw stats) of a workspace file."""
-    from ..plots import token_length_histogram, turns_histogram
-    from .mask_tab import MaskInputError, resolve_tokenizer
-
     ws = Path(workspace)
-    path = _resolve(ws, file_path, "file")
-    rows, report = _read_rows(path, int(max_rows))
+    path = resolve_input(ws, file_path, "file")
+    rows, report = read_rows(path, int(max_rows))
     turns = [len(r["conversations"]) for r in rows if r.get("conversations") is not None]
     assistant = [sum(t.get("role") == "assistant" for t in r["conversations"]) for r in rows
                  if r.get("conversations") is not None]
-    try:
-        tok = resolve_tokenizer(tokenizer_name or "default", ws)
-    except MaskInputError as e:
-        raise DataInputError(str(e)) from None
+    tok = resolve_tokenizer(tokenizer_name or "default", ws)
     lengths = token_lengths(rows, tok)
     stats = {"rows": len(rows), "turns": turns, "assistant_turns": assistant, "token_lengths": lengths,
              "skipped_while_reading": report.total, "capped": len(rows) >= int(max_rows)}
@@ -277,7 +194,7 @@ def dataset_stats(workspace: str | Path, file_path: str, tokenizer_name: str = "
 
 def skipped_path_for(workspace: str | Path, file_path: str) -> Optional[Path]:
     """`data/x_train.jsonl` -> `data/x_skipped.jsonl` (what prepare-data wrote beside it), if any."""
-    p = _resolve(Path(workspace), file_path, "file")
+    p = resolve_input(workspace, file_path, "file")
     for suffix in ("_train.jsonl", "_eval.jsonl", "_skipped.jsonl"):
         if p.name.endswith(suffix):
             return p.with_name(p.name[: -len(suffix)] + "_skipped.jsonl")
@@ -305,7 +222,7 @@ def skipped_rows(workspace: str | Path, file_path: str, limit: int = 500) -> tup
             counts[rec.get("code", "?")] = counts.get(rec.get("code", "?"), 0) + 1
             if len(rows) < limit:
                 row = {k: rec.get(k) for k in SKIPPED_COLUMNS}
-                row["file"] = _relative(Path(workspace), str(row["file"])) if row["file"] else row["file"]
+                row["file"] = relative_name(workspace, row["file"]) if row["file"] else row["file"]
                 rows.append(row)
     if not total:
         return f"**0 rows skipped** (`{sp.name}`).", pd.DataFrame(columns=SKIPPED_COLUMNS)
@@ -318,15 +235,13 @@ def inspect_file(workspace: str | Path, file_path: str, tokenizer_name: str):
     """The Load button: (error html, preview df, stats md, turns fig, tokens fig, skipped md, skipped df)."""
     import pandas as pd
 
-    from ..plots import token_length_histogram, turns_histogram
-
     try:
         if not file_path:
-            raise DataInputError("choose a data file (prepare one above, or put it in the workspace)")
+            raise InputError("choose a data file (prepare one above, or put it in the workspace)")
         df = preview_rows(workspace, file_path)
         md, f1, f2, _ = dataset_stats(workspace, file_path, tokenizer_name)
         smd, sdf = skipped_rows(workspace, file_path)
-    except (DataInputError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # InputError is a ValueError
         empty = pd.DataFrame(columns=PREVIEW_COLUMNS)
         return (render_message(str(e), ok=False), empty, "", turns_histogram([]), token_length_histogram([]),
                 "", pd.DataFrame(columns=SKIPPED_COLUMNS))
@@ -338,8 +253,6 @@ def inspect_file(workspace: str | Path, file_path: str, tokenizer_name: str):
 # ------------------------------------------------------------------------------------------------
 def build(ctx) -> dict:
     import gradio as gr
-
-    from ..forms import make_component
 
     ws = Path(ctx.workspace)
     c: dict[str, Any] = {}
@@ -361,8 +274,7 @@ def build(ctx) -> dict:
                                               info="where the preset's source files are in the workspace; "
                                                    "empty: the local Hugging Face cache")
         with gr.Column(scale=1, min_width=320):
-            specs = prepare_specs()
-            c["form"] = [make_component(s, elem_id=f"data-{s.name.replace('_', '-')}") for s in specs]
+            _, c["form"] = FORM.layout(stacked)
     with gr.Accordion("Dataset presets", open=False):
         gr.DataFrame(preset_table(), interactive=False, wrap=True)
     with gr.Row(elem_classes=["wb-buttons"]):
@@ -383,8 +295,6 @@ def build(ctx) -> dict:
     c["preview"] = gr.DataFrame(headers=PREVIEW_COLUMNS, interactive=False, wrap=True, label="first rows",
                                 elem_id="data-preview", max_height=360)
     c["stats"] = gr.Markdown(elem_id="data-stats")
-    from ..plots import token_length_histogram, turns_histogram
-
     with gr.Row():
         c["turns_plot"] = gr.Plot(turns_histogram([]), label="turns", elem_id="data-turns-plot")
         c["tokens_plot"] = gr.Plot(token_length_histogram([]), label="token lengths", elem_id="data-tokens-plot")
@@ -404,9 +314,7 @@ def build(ctx) -> dict:
 
     def on_tick(job_id):
         card, train = poll_job(ws, job_id)
-        from .jobs_tab import job_runner
-
-        live = bool(job_id) and job_runner(ws).get(job_id).status in ("starting", "running")
+        live = bool(job_id) and job_runner(ws).get(job_id).is_live
         files = data_files(ws)
         view = gr.update(choices=files, value=train) if train else gr.update(choices=files)
         return card, gr.Timer(active=live), view, gr.update(choices=files)

@@ -2,10 +2,11 @@
 token, what the draft is trained on (green) and what is masked (red).
 
 A wrong chat template silently ruins a training run; this view is where a user catches it. All
-work happens in plain functions (`parse_pasted`, `read_row`, `resolve_tokenizer`, `run_mask`,
-`run_compare`) that call `specforge_core.data.mask`; `build` only lays out components and wires
-them. The same view, without file or tokenizer-path access, is the public demo
-(`workbench.mask_demo`), which reuses `build_mask_view` with an allow-list of tokenizers.
+work happens in plain functions (`parse_pasted`, `run_mask`, `run_compare`) that call
+`specforge_core.data.mask`, with rows and tokenizers read through `workbench.common` (`read_row`,
+`resolve_tokenizer`); `build` only lays out components and wires them. The same view, without file
+or tokenizer-path access, is the public demo (`workbench.mask_demo`), which reuses `build_mask_view`
+with an allow-list of tokenizers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..security import PathOutsideWorkspace, resolve_in_workspace
+from ..common import InputError, read_row, render_message, resolve_input, resolve_tokenizer, whole_number
 
 TITLE = "Loss mask"
 log = logging.getLogger(__name__)
@@ -48,12 +49,12 @@ DEFAULT_ALLOWED_TOKENIZERS = {
 }
 
 
-class MaskInputError(ValueError):
-    """Input the user can fix (bad JSON, a missing file, an unknown tokenizer); shown, never a trace."""
+# The name this tab's callers catch; the class is the one every tab raises for input the user can fix.
+MaskInputError = InputError
 
 
 # ------------------------------------------------------------------------------------------------
-# Input: pasted text, workspace files, tokenizers
+# Input: pasted text
 # ------------------------------------------------------------------------------------------------
 def _normalize(obj: Any, where: str) -> dict:
     from specforge_core.data.schema import RowError, normalize_row
@@ -61,7 +62,7 @@ def _normalize(obj: Any, where: str) -> dict:
     try:
         return normalize_row(obj)
     except RowError as e:
-        raise MaskInputError(f"{where}: {e.message}") from None
+        raise InputError(f"{where}: {e.message}") from None
 
 
 def parse_pasted(text: str) -> dict:
@@ -72,13 +73,13 @@ def parse_pasted(text: str) -> dict:
     a `text` row (the template still finds its assistant spans).
     """
     if text is None or not text.strip():
-        raise MaskInputError("nothing to show: paste a conversation (JSON) or already templated chat text")
+        raise InputError("nothing to show: paste a conversation (JSON) or already templated chat text")
     stripped = text.strip()
     if stripped[0] in "[{\"":
         try:
             obj = json.loads(stripped)
         except json.JSONDecodeError as e:
-            raise MaskInputError(f"pasted input is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg} "
+            raise InputError(f"pasted input is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg} "
                                  "(plain chat text is fine too, but then do not start it with '{' or '[')") from None
     else:
         return {"id": "pasted", "text": text}
@@ -91,87 +92,7 @@ def parse_pasted(text: str) -> dict:
         return _normalize({"id": "pasted", "conversations": obj}, "pasted conversation")
     if isinstance(obj, dict):
         return _normalize(obj, "pasted row")
-    raise MaskInputError(f"pasted JSON is a {type(obj).__name__}; expected a row object or a list of turns")
-
-
-def read_row(path: Path, index: int) -> dict:
-    """Row `index` (0-based, counting valid rows, as `specforge-wb inspect-mask --index` does) of a
-    JSONL / JSON / Parquet file, read with the engine's streaming readers."""
-    from specforge_core.data.readers import SkipReport, iter_rows
-
-    try:
-        index = int(index)
-    except (TypeError, ValueError):
-        raise MaskInputError(f"row index must be a whole number, got {index!r}") from None
-    if index < 0:
-        raise MaskInputError("row index must be 0 or more")
-    if path.is_dir():
-        raise MaskInputError(f"{path}: is a directory; give a .jsonl, .json or .parquet file")
-    report = SkipReport(max_examples=3)
-    seen = 0
-    try:
-        for i, row in enumerate(iter_rows([path], report=report)):
-            if i == index:
-                return row
-            seen = i + 1
-    except (FileNotFoundError, ValueError) as e:
-        raise MaskInputError(str(e)) from None
-    msg = f"{path}: no row at index {index} (the file has {seen} valid rows"
-    if report.total:
-        ex = report.examples[0]
-        msg += f"; {report.summary()}, e.g. line {ex['line']}: {ex['message']}"
-    raise MaskInputError(msg + ")")
-
-
-def _looks_like_path(name: str, workspace: Path | None) -> bool:
-    if name.startswith((".", "/", "~")):
-        return True
-    return workspace is not None and (workspace / name).exists()
-
-
-def resolve_tokenizer(name: str, workspace: Path | None = None, allowed: dict[str, str] | None = None):
-    """A tokenizer name from the GUI -> a loaded fast tokenizer.
-
-    With `allowed` (the public demo) only those names are accepted; nothing is read from disk
-    beyond the embedded tokenizers. Otherwise: `default`, `llama3`, a directory inside the
-    workspace, or a hub id that is already in the local HF cache (the GUI never downloads).
-    """
-    from specforge_core.targets import LLAMA3_ALIASES, ModelNotFoundError, is_default, load_tokenizer
-
-    name = (name or "").strip() or "default"
-    if allowed is not None:
-        if name in allowed:
-            name = allowed[name]
-        elif name not in allowed.values():
-            raise MaskInputError(f"tokenizer {name!r} is not offered here; choose one of {', '.join(allowed)}")
-        return load_tokenizer(name)
-    if is_default(name) or name.lower() in LLAMA3_ALIASES:
-        return load_tokenizer(name)
-    if _looks_like_path(name, workspace):
-        if workspace is None:
-            raise MaskInputError(f"{name}: local tokenizer directories are not available here")
-        try:
-            p = resolve_in_workspace(workspace, name)
-        except PathOutsideWorkspace as e:
-            raise MaskInputError(str(e)) from None
-        if not p.is_dir():
-            raise MaskInputError(f"{name}: no such tokenizer directory in the workspace")
-        try:
-            return load_tokenizer(str(p))
-        except ModelNotFoundError as e:
-            raise MaskInputError(str(e)) from None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = any(isinstance(try_to_load_from_cache(name, f), str)
-                 for f in ("tokenizer.json", "tokenizer_config.json"))
-    if not cached:
-        raise MaskInputError(
-            f"tokenizer {name!r} is neither `default`, `llama3`, a directory in the workspace, nor a hub id in the "
-            f"local Hugging Face cache (the workbench does not download; run `huggingface-cli download {name}` first)")
-    try:
-        return load_tokenizer(name)
-    except ModelNotFoundError as e:
-        raise MaskInputError(str(e)) from None
+    raise InputError(f"pasted JSON is a {type(obj).__name__}; expected a row object or a list of turns")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +186,7 @@ def render_status(summary: dict, warnings: list[str]) -> str:
 
 
 def render_error(message: str) -> str:
-    return f'<div class="mask-error">✖ {html.escape(message)}</div>'
+    return render_message(message, ok=False)
 
 
 def mask_view(sample: dict | str, tokenizer: Any, template: str = "auto", max_length: int = 2048,
@@ -288,7 +209,7 @@ def mask_view(sample: dict | str, tokenizer: Any, template: str = "auto", max_le
 def _friendly(e: Exception) -> str:
     from specforge_core.targets import ModelNotFoundError
 
-    if isinstance(e, (MaskInputError, ModelNotFoundError, PathOutsideWorkspace)):
+    if isinstance(e, (InputError, ModelNotFoundError)):
         return str(e)
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     return f"{msg}" if msg else type(e).__name__
@@ -297,24 +218,17 @@ def _friendly(e: Exception) -> str:
 def _sample_from_inputs(source: str, pasted: str, file_path: str, index: Any, workspace: Path | None) -> dict:
     if source == SOURCE_FILE:
         if workspace is None:
-            raise MaskInputError("files are not available here; paste a conversation instead")
+            raise InputError("files are not available here; paste a conversation instead")
         if not file_path or not str(file_path).strip():
-            raise MaskInputError("give a file path inside the workspace (e.g. data/train.jsonl)")
-        try:
-            p = resolve_in_workspace(workspace, file_path)
-        except PathOutsideWorkspace as e:
-            raise MaskInputError(str(e)) from None
-        return read_row(p, int(index or 0))
+            raise InputError("give a file path inside the workspace (e.g. data/train.jsonl)")
+        return read_row(resolve_input(workspace, file_path), int(index or 0))
     return parse_pasted(pasted)
 
 
 def _check_max_length(max_length: Any) -> int:
-    try:
-        n = int(max_length)
-    except (TypeError, ValueError):
-        raise MaskInputError(f"max_length must be a whole number, got {max_length!r}") from None
+    n = whole_number(max_length, "max_length")
     if not 8 <= n <= MAX_LENGTH_LIMIT:
-        raise MaskInputError(f"max_length must be between 8 and {MAX_LENGTH_LIMIT}, got {n}")
+        raise InputError(f"max_length must be between 8 and {MAX_LENGTH_LIMIT}, got {n}")
     return n
 
 
@@ -328,7 +242,7 @@ def run_mask(source: str, pasted: str, file_path: str, index: Any, tokenizer_nam
         tok = resolve_tokenizer(tokenizer_name, workspace, allowed_tokenizers)
         view = mask_view(sample, tok, template or "auto", n, train_only_last_turn)
     except Exception as e:  # noqa: BLE001 - every failure becomes a readable message in the page
-        if not isinstance(e, (MaskInputError, ValueError, KeyError, FileNotFoundError)):
+        if not isinstance(e, (ValueError, KeyError, FileNotFoundError)):
             log.exception("loss-mask view failed")
         return render_error(_friendly(e)), "", []
     return view.status_html, view.html, view.highlights

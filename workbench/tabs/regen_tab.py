@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..forms import FieldSpec, FormError, advanced_rows, field_specs, render_errors, two_columns, values_to_config
-from ..security import PathOutsideWorkspace, resolve_path_fields
-from .jobs_tab import job_runner, job_status_html, render_message, submit_job
+from ..common import (job_status_html, relative_name, render_message, resume_job, start_job, watch_job,
+                      wire_job_panel, workspace_transform)
+from ..forms import SchemaForm
 
 TITLE = "Regenerate"
 MAIN_FIELDS = ["input", "output", "backend", "server_address", "model", "concurrency", "temperature", "top_p",
@@ -26,6 +26,9 @@ MAIN_FIELDS = ["input", "output", "backend", "server_address", "model", "concurr
 GUI_DEFAULTS = {"output": "data/regen.jsonl", "backend": "server", "server_address": ["127.0.0.1:30000"]}
 PATH_FIELDS = ("input", "output")
 ERROR_COLUMNS = ["id", "server", "attempts", "error", "file", "line"]
+CSS = """
+.regen-counts { margin: 4px 2px; font-size: 14px; }
+"""
 
 
 def _regen_cls():
@@ -34,59 +37,18 @@ def _regen_cls():
     return RegenConfig
 
 
-def all_specs() -> tuple[list[FieldSpec], list[FieldSpec]]:
-    cls = _regen_cls()
-    rest = [n for n in cls.model_fields if n not in MAIN_FIELDS]
-    return field_specs(cls, MAIN_FIELDS), field_specs(cls, rest)
-
-
-def flat_specs() -> list[FieldSpec]:
-    main, adv = all_specs()
-    return main + adv
-
-
-def _rel(ws: Path, p: str | Path) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(ws.resolve()))
-    except ValueError:
-        return str(p)
-
-
-def workspace_paths(ws: Path):
-    def transform(data: dict) -> dict:
-        from .train_tab import _resolve_model_name
-
-        out, errors = resolve_path_fields(ws, data, PATH_FIELDS)
-        for p in out.get("input") or []:
-            if "input" not in errors and not Path(p).exists():
-                errors["input"] = f"{_rel(ws, p)}: no such file in the workspace"
-        if out.get("local_model"):
-            try:
-                out["local_model"] = _resolve_model_name(ws, out["local_model"])
-            except PathOutsideWorkspace as e:
-                errors["local_model"] = str(e)
-        if errors:
-            raise FormError(errors)
-        return out
-
-    return transform
+FORM = SchemaForm(_regen_cls, MAIN_FIELDS, "regen", defaults=GUI_DEFAULTS)
+flat_specs = FORM.specs
 
 
 def regen_config(workspace: str | Path, values: Sequence[Any]):
     """Form values (in `flat_specs()` order) -> a validated RegenConfig; raises FormError."""
-    return values_to_config(_regen_cls(), flat_specs(), list(values), transform=workspace_paths(Path(workspace)))
+    return FORM.to_config(values, transform=workspace_transform(workspace, paths=PATH_FIELDS, models=("local_model",),
+                                                                existing=("input",)))
 
 
 def launch_regen(workspace: str | Path, *values: Any) -> tuple[str, Optional[str]]:
-    try:
-        cfg = regen_config(workspace, values)
-    except FormError as e:
-        return render_errors(e, flat_specs()), None
-    try:
-        job = submit_job(workspace, "regenerate", cfg)
-    except Exception as e:  # noqa: BLE001
-        return render_message(f"could not start the job: {e}", ok=False), None
-    return job_status_html(job), job.id
+    return start_job(workspace, "regenerate", lambda: regen_config(workspace, values), flat_specs())
 
 
 def errors_table(errors_file: str | Path, limit: int = 500):
@@ -128,41 +90,26 @@ def poll_regen(workspace: str | Path, job_id: Optional[str]):
 
     if not job_id:
         return job_status_html(None), "", pd.DataFrame(columns=ERROR_COLUMNS), False
-    r = job_runner(workspace)
-    try:
-        job = r.get(job_id)
-    except KeyError:
-        return render_message(f"no job {job_id}", ok=False), "", pd.DataFrame(columns=ERROR_COLUMNS), False
-    prog = r.progress(job_id)
-    card = job_status_html(job, prog) + counts_html(prog)
-    if job.status == "finished":
-        res = r.result(job_id) or {}
+    w = watch_job(workspace, job_id, details=counts_html)
+    if w.job is None:
+        return w.card, "", pd.DataFrame(columns=ERROR_COLUMNS), False
+    card, res = w.card, w.result
+    if w.job.status == "finished":
         card += render_message(f"{res.get('samples_written', 0)} samples written to "
-                               f"{_rel(Path(workspace), res.get('output', job.config.get('output', '')))} "
+                               f"{relative_name(workspace, res.get('output', w.job.config.get('output', '')))} "
                                f"({res.get('ok', 0)} ok, {res.get('truncated', 0)} truncated, "
                                f"{res.get('failed', 0)} failed)", ok=not res.get("failed"))
-    elif job.status in ("failed", "lost"):
-        card += f'<pre class="job-log-snippet">{html.escape(r.log_tail(job_id, 8))}</pre>'
     from specforge_core.regen.config import errors_path_for
 
-    md, df = errors_table(errors_path_for(job.config["output"]))
-    return card, md, df, job.status in ("starting", "running")
+    md, df = errors_table(errors_path_for(w.job.config["output"]))
+    return card, md, df, w.live
 
 
 def resume_regen(workspace: str | Path, job_id: Optional[str], retry_errors: bool = False) -> tuple[str, Optional[str]]:
     """A new job continuing `job_id` (skips ids already written; optionally retries the failed ones)."""
     if not job_id:
         return render_message("start a regeneration first (or pick one in the Jobs tab)", ok=False), None
-    try:
-        new = job_runner(workspace).resume(job_id, overrides={"retry_errors": bool(retry_errors)})
-    except (KeyError, ValueError) as e:
-        return render_message(str(e), ok=False), None
-    return render_message(f"resumed {job_id} as {new.id}"), new.id
-
-
-def latest_regen_job(workspace: str | Path) -> Optional[str]:
-    jobs = job_runner(workspace).list_jobs(kind="regenerate", limit=1)
-    return jobs[0].id if jobs else None
+    return resume_job(workspace, job_id, overrides={"retry_errors": bool(retry_errors)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,24 +118,13 @@ def latest_regen_job(workspace: str | Path) -> Optional[str]:
 def build(ctx) -> dict:
     import gradio as gr
 
-    from ..forms import make_component
-
     ws = Path(ctx.workspace)
-    main, adv = all_specs()
-    comps: dict[str, Any] = {}
-    c: dict[str, Any] = {"components": comps}
+    c: dict[str, Any] = {}
     gr.Markdown("Regenerate the assistant turns with the **target model** so the draft learns what the target "
                 "actually says. Point it at one or more running OpenAI-compatible servers (SGLang, vLLM: "
                 "`host:port`, space-separated) or use the `local` backend for a small target in-process. Output "
                 "and a `.errors.jsonl` beside it go into the workspace; a stopped run resumes where it left off.")
-
-    def comp(spec: FieldSpec):
-        comps[spec.name] = make_component(spec, GUI_DEFAULTS.get(spec.name, spec.default),
-                                          elem_id=f"regen-{spec.name.replace('_', '-')}")
-
-    two_columns(main, comp)
-    advanced_rows(adv, comp, "Advanced (every other RegenConfig field)")
-    inputs = [comps[s.name] for s in main + adv]
+    c["components"], inputs = FORM.layout()
     with gr.Row(equal_height=False, elem_classes=["wb-buttons"]):
         c["launch"] = gr.Button("Start regeneration", variant="primary", elem_id="regen-launch", scale=2)
         c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="regen-cancel", scale=1)
@@ -202,26 +138,9 @@ def build(ctx) -> dict:
                                elem_id="regen-errors", max_height=320)
     c["timer"] = gr.Timer(2.0, active=False)
     watch_outputs = [c["status"], c["errors_md"], c["errors"], c["timer"]]
-
-    def watch(job_id):
-        *out, live = poll_regen(ws, job_id)
-        return (*out, gr.Timer(active=live))
-
-    def on_launch(*vals):
-        card, job_id = launch_regen(ws, *vals)
-        if job_id is None:
-            return (card, gr.update(), *([gr.update()] * len(watch_outputs)))
-        return ("", job_id, *watch(job_id))
-
-    c["launch"].click(on_launch, inputs=inputs, outputs=[c["message"], c["job_id"], *watch_outputs])
-    c["timer"].tick(watch, inputs=c["job_id"], outputs=watch_outputs, show_progress="hidden")
-
-    def on_cancel(job_id):
-        from .jobs_tab import cancel_job
-
-        return (cancel_job(ws, job_id), *watch(job_id))
-
-    c["cancel"].click(on_cancel, inputs=c["job_id"], outputs=[c["message"], *watch_outputs])
+    watch = wire_job_panel(ctx, "regenerate", poll_regen, launch=launch_regen, launch_button=c["launch"],
+                           launch_inputs=inputs, cancel_button=c["cancel"], message=c["message"],
+                           job_id=c["job_id"], outputs=watch_outputs)
 
     def on_resume(job_id, retry):
         msg, new = resume_regen(ws, job_id, retry)
@@ -229,11 +148,5 @@ def build(ctx) -> dict:
         return (msg, jid, *watch(jid))
 
     c["resume"].click(on_resume, inputs=[c["job_id"], c["retry"]], outputs=[c["message"], c["job_id"], *watch_outputs])
-    if ctx.app is not None:
-        def on_load():
-            jid = latest_regen_job(ws)
-            return (jid, *watch(jid))
-
-        ctx.app.load(on_load, outputs=[c["job_id"], *watch_outputs])
     c["inputs"] = inputs
     return c

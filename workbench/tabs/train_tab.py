@@ -12,15 +12,17 @@ field, with a disk estimate when `specforge_core.offline` is available.
 
 from __future__ import annotations
 
-import html
 import json
 import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..forms import FieldSpec, FormError, advanced_rows, field_specs, render_errors, two_columns, values_to_config
-from ..security import PathOutsideWorkspace, resolve_in_workspace, resolve_path_fields
-from .jobs_tab import job_runner, job_status_html, render_message, submit_job
+from ..common import (job_runner, job_status_html, read_rows, relative_name, render_message, resolve_model_name,
+                      resolve_tokenizer, start_job, submit_job, token_lengths, watch_job, wire_job_panel,
+                      workspace_transform)
+from ..forms import FieldSpec, FormError, SchemaForm, render_errors
+from ..plots import read_metrics, split_rows, training_figures
+from ..security import PathOutsideWorkspace, resolve_in_workspace
 
 TITLE = "Train"
 MAIN_FIELDS = ["target_model", "train_data", "eval_data", "chat_template", "max_length", "draft_vocab_size",
@@ -41,71 +43,19 @@ def _train_cls():
     return TrainConfig
 
 
-def all_specs() -> tuple[list[FieldSpec], list[FieldSpec], list[FieldSpec]]:
-    """(main, offline, advanced) field specs; advanced = every other TrainConfig field, in schema order."""
-    cls = _train_cls()
-    rest = [n for n in cls.model_fields if n not in MAIN_FIELDS and n not in OFFLINE_FIELDS]
-    return field_specs(cls, MAIN_FIELDS), field_specs(cls, OFFLINE_FIELDS), field_specs(cls, rest)
-
-
-def flat_specs() -> list[FieldSpec]:
-    main, off, adv = all_specs()
-    return main + off + adv
-
-
-def gui_default(spec: FieldSpec) -> Any:
-    return GUI_DEFAULTS.get(spec.name, spec.default)
+FORM = SchemaForm(_train_cls, MAIN_FIELDS, "train", defaults=GUI_DEFAULTS, groups=[OFFLINE_FIELDS])
+flat_specs = FORM.specs
+gui_default = FORM.default
 
 
 # ------------------------------------------------------------------------------------------------
 # form -> TrainConfig
 # ------------------------------------------------------------------------------------------------
-def _resolve_model_name(ws: Path, name: str) -> str:
-    from specforge_core.targets import LLAMA3_ALIASES, is_default
-
-    if is_default(name) or name.lower() in LLAMA3_ALIASES:
-        return name
-    looks_local = name.startswith((".", "/", "~")) or (ws / name).exists() or name.count("/") != 1
-    if not looks_local:
-        return name  # a hub id (org/name): the engine finds it in the HF cache
-    return str(resolve_in_workspace(ws, name))
-
-
-def workspace_paths(ws: Path):
-    """The form's `transform`: every path field resolved inside the workspace, errors by field."""
-
-    def transform(data: dict) -> dict:
-        out, errors = resolve_path_fields(ws, data, PATH_FIELDS)
-        for name in MODEL_FIELDS:
-            v = out.get(name)
-            if v:
-                try:
-                    out[name] = _resolve_model_name(ws, v)
-                except PathOutsideWorkspace as e:
-                    errors[name] = str(e)
-        for name in ("train_data", "eval_data"):
-            for p in out.get(name) or []:
-                if not Path(p).exists() and name not in errors:
-                    errors[name] = f"{_rel(ws, p)}: no such file in the workspace"
-        if errors:
-            raise FormError(errors)
-        return out
-
-    return transform
-
-
-def train_config(workspace: str | Path, values: Sequence[Any], specs: Sequence[FieldSpec] | None = None):
+def train_config(workspace: str | Path, values: Sequence[Any]):
     """Form values (in `flat_specs()` order) -> a validated TrainConfig with workspace paths; raises FormError."""
-    ws = Path(workspace)
-    specs = list(specs or flat_specs())
-    return values_to_config(_train_cls(), specs, list(values), transform=workspace_paths(ws))
-
-
-def _rel(ws: Path, p: str | Path) -> str:
-    try:
-        return str(Path(p).resolve().relative_to(ws.resolve()))
-    except ValueError:
-        return str(p)
+    transform = workspace_transform(workspace, paths=PATH_FIELDS, models=MODEL_FIELDS,
+                                    existing=("train_data", "eval_data"))
+    return FORM.to_config(values, transform=transform)
 
 
 def cli_command(workspace: str | Path, nproc: Any, *values: Any) -> str:
@@ -153,20 +103,13 @@ def save_config(workspace: str | Path, dest: str, *values: Any) -> str:
         import yaml
 
         p.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return render_message(f"saved {_rel(ws, p)} (run it with: specforge-wb train --config {_rel(ws, p)})")
+    name = relative_name(ws, p)
+    return render_message(f"saved {name} (run it with: specforge-wb train --config {name})")
 
 
 def launch_train(workspace: str | Path, nproc: Any, *values: Any) -> tuple[str, Optional[str]]:
     """Validate and submit the training job; returns (status html, job id or None). Never raises."""
-    try:
-        cfg = train_config(workspace, values)
-    except FormError as e:
-        return render_errors(e, flat_specs()), None
-    try:
-        job = submit_job(workspace, "train", cfg, nproc=int(nproc or 1))
-    except Exception as e:  # noqa: BLE001 - e.g. nproc on a kind that cannot, a full disk
-        return render_message(f"could not start the job: {e}", ok=False), None
-    return job_status_html(job), job.id
+    return start_job(workspace, "train", lambda: train_config(workspace, values), flat_specs(), nproc=nproc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,8 +135,6 @@ def checkpoints_table(run_dir: str | Path):
 
 
 def metrics_summary(rows: Sequence[dict]) -> str:
-    from ..plots import split_rows
-
     train, ev = split_rows(rows, "train"), split_rows(rows, "eval")
     if not train and not ev:
         return "No metrics yet: the first row appears after the first logged step."
@@ -221,31 +162,16 @@ def run_dir_of(job: Any) -> Optional[str]:
 
 def poll_train(workspace: str | Path, job_id: Optional[str]):
     """(status html, loss fig, acc fig, accept-len fig, checkpoints df, summary md, live?) for a job."""
-    from ..plots import read_metrics, training_figures
-
     if not job_id:
-        figs = training_figures([])
-        return (job_status_html(None), *figs, checkpoints_table("/nonexistent"), metrics_summary([]), False)
-    r = job_runner(workspace)
-    try:
-        job = r.get(job_id)
-    except KeyError:
-        figs = training_figures([])
-        return (render_message(f"no job {job_id}", ok=False), *figs, checkpoints_table("/nonexistent"), "", False)
-    run_dir = run_dir_of(job)
+        return (job_status_html(None), *training_figures([]), checkpoints_table("/nonexistent"), metrics_summary([]), False)
+    w = watch_job(workspace, job_id)
+    if w.job is None:
+        return (w.card, *training_figures([]), checkpoints_table("/nonexistent"), "", False)
+    run_dir = run_dir_of(w.job)
     rows = read_metrics(Path(run_dir) / "metrics.jsonl") if run_dir else []
-    card = job_status_html(job, r.progress(job_id))
-    if job.status in ("failed", "lost"):
-        card += f'<pre class="job-log-snippet">{html.escape(r.log_tail(job_id, 8))}</pre>'
-    live = job.status in ("starting", "running")
     ckpts = checkpoints_table(run_dir) if run_dir else checkpoints_table("/nonexistent")
-    ckpts["path"] = [_rel(Path(workspace), p) for p in ckpts["path"]]
-    return (card, *training_figures(rows), ckpts, metrics_summary(rows), live)
-
-
-def latest_train_job(workspace: str | Path) -> Optional[str]:
-    jobs = job_runner(workspace).list_jobs(kind="train", limit=1)
-    return jobs[0].id if jobs else None
+    ckpts["path"] = [relative_name(workspace, p) for p in ckpts["path"]]
+    return (w.card, *training_figures(rows), ckpts, metrics_summary(rows), w.live)
 
 
 def export_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optional[str]]:
@@ -265,7 +191,7 @@ def export_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optio
         ej = submit_job(workspace, "export", cfg)
     except Exception as e:  # noqa: BLE001
         return render_message(f"could not start the export: {e}", ok=False), None
-    return render_message(f"export started as job {ej.id} → {_rel(Path(workspace), cfg.output)}"), ej.id
+    return render_message(f"export started as job {ej.id} → {relative_name(workspace, cfg.output)}"), ej.id
 
 
 def check_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optional[str]]:
@@ -279,7 +205,7 @@ def check_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Option
     serving = Path(run_dir or "") / EXPORT_DIR
     if not run_dir or not (serving / "config.json").exists():
         return render_message("export the run first (no serving checkpoint in "
-                              f"{_rel(Path(workspace), serving)})", ok=False), None
+                              f"{relative_name(workspace, serving)})", ok=False), None
     cfg = CheckDraftConfig(path=str(serving), target=job.config.get("target_model"))
     try:
         cj = submit_job(workspace, "check-draft", cfg)
@@ -292,19 +218,16 @@ def side_job_result(workspace: str | Path, job_id: Optional[str]) -> tuple[str, 
     """(html, live?) for an export / check job started from this tab."""
     if not job_id:
         return "", False
-    r = job_runner(workspace)
-    job = r.get(job_id)
-    card = job_status_html(job, r.progress(job_id))
-    if job.status == "finished":
-        res = r.result(job_id) or {}
+    w = watch_job(workspace, job_id)
+    card = w.card
+    if w.job is not None and w.job.status == "finished":
+        res = w.result
         bits = [f"{k} = {v}" for k, v in res.items() if not isinstance(v, (dict, list)) and k != "exit_code"][:8]
         problems = res.get("problems") or []
         card += render_message(", ".join(bits) or "done", ok=not problems)
         for p in problems[:10]:
             card += render_message(str(p), ok=False)
-    elif job.status in ("failed", "lost"):
-        card += f'<pre class="job-log-snippet">{html.escape(r.log_tail(job_id, 8))}</pre>'
-    return card, job.status in ("starting", "running")
+    return card, w.live
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,7 +252,7 @@ def disk_estimate(workspace: str | Path, *values: Any, sample_rows: int = 200) -
     specs = flat_specs()
     raw = dict(zip([s.name for s in specs], values))
     try:
-        target = _resolve_model_name(ws, specs[0].parse(raw.get("target_model")) or "default")
+        target = resolve_model_name(ws, specs[0].parse(raw.get("target_model")) or "default")
         data = next(s for s in specs if s.name == "train_data").parse(raw.get("train_data"))
         if not data:
             return "Give the train data (the conversations the dump would run the target over) to estimate."
@@ -337,12 +260,9 @@ def disk_estimate(workspace: str | Path, *values: Any, sample_rows: int = 200) -
         H = int(load_target_config(target)["hidden_size"])
     except (PathOutsideWorkspace, ValueError, FileNotFoundError, KeyError) as e:
         return render_message(f"cannot estimate: {e}", ok=False)
-    from .data_tab import _read_rows, token_lengths
-    from .mask_tab import resolve_tokenizer
-
     tok_name = raw.get("tokenizer") or target
     try:
-        tok = resolve_tokenizer(tok_name if tok_name in ("default", "llama3") else _rel(ws, tok_name), ws)
+        tok = resolve_tokenizer(tok_name if tok_name in ("default", "llama3") else relative_name(ws, tok_name), ws)
     except Exception as e:  # noqa: BLE001
         return render_message(f"cannot load the tokenizer to count tokens: {e}", ok=False)
     total_rows, sample = 0, []
@@ -351,7 +271,7 @@ def disk_estimate(workspace: str | Path, *values: Any, sample_rows: int = 200) -
             n = sum(1 for line in fh if line.strip())
         total_rows += n
         if len(sample) < sample_rows:
-            rows, _ = _read_rows(Path(f), sample_rows - len(sample))
+            rows, _ = read_rows(Path(f), sample_rows - len(sample))
             sample += rows
     if not sample:
         return "The train data has no readable rows."
@@ -374,33 +294,24 @@ def disk_estimate(workspace: str | Path, *values: Any, sample_rows: int = 200) -
 def build(ctx) -> dict:
     import gradio as gr
 
-    from ..forms import make_component
-
     ws = Path(ctx.workspace)
-    main, off, adv = all_specs()
-    c: dict[str, Any] = {"components": {}}
+    c: dict[str, Any] = {}
     gr.Markdown("Train an EAGLE3 draft. **Online**: the target runs beside the draft and computes hidden states "
                 "on the fly. **Offline**: give a hidden-state store (made by a dump) and only the draft is "
                 "trained. Paths are inside the workspace; the run goes to `output dir` (checkpoints, "
                 "`metrics.jsonl`).")
 
-    def comp(spec: FieldSpec):
-        x = make_component(spec, gui_default(spec), elem_id=f"train-{spec.name.replace('_', '-')}")
-        c["components"][spec.name] = x
-        return x
+    def offline_group(groups: list[list[FieldSpec]], make) -> None:
+        with gr.Accordion("Offline training (hidden states on disk)", open=False, elem_id="train-offline"):
+            with gr.Row():
+                for s in groups[0]:
+                    make(s)
+            with gr.Row():
+                c["estimate_btn"] = gr.Button("Estimate disk for a dump", size="sm", elem_id="train-estimate",
+                                              scale=0, min_width=240, interactive=offline_available())
+            c["estimate"] = gr.Markdown(elem_id="train-estimate-out")
 
-    two_columns(main, comp)
-    with gr.Accordion("Offline training (hidden states on disk)", open=False, elem_id="train-offline"):
-        with gr.Row():
-            for s in off:
-                comp(s)
-        with gr.Row():
-            c["estimate_btn"] = gr.Button("Estimate disk for a dump", size="sm", elem_id="train-estimate",
-                                          scale=0, min_width=240, interactive=offline_available())
-        c["estimate"] = gr.Markdown(elem_id="train-estimate-out")
-    advanced_rows(adv, comp, "Advanced (every other TrainConfig field)", elem_id="train-advanced")
-    specs = main + off + adv
-    inputs = [c["components"][s.name] for s in specs]
+    c["components"], inputs = FORM.layout(place_groups=offline_group)
     with gr.Row(equal_height=False):
         c["nproc"] = gr.Number(value=1, precision=0, minimum=1, maximum=64, label="processes",
                                info="> 1 runs under torchrun", elem_id="train-nproc", scale=1, min_width=160)
@@ -429,28 +340,10 @@ def build(ctx) -> dict:
                                     elem_id="train-checkpoints", wrap=True)
     c["timer"] = gr.Timer(2.0, active=False)
 
-    watch_outputs = [c["status"], c["loss_plot"], c["acc_plot"], c["accept_plot"], c["checkpoints"], c["summary"],
-                     c["timer"]]
-
-    def watch(job_id):
-        *out, live = poll_train(ws, job_id)
-        return (*out, gr.Timer(active=live))
-
-    def on_launch(nproc, *vals):
-        card, job_id = launch_train(ws, nproc, *vals)
-        if job_id is None:
-            return (card, gr.update(), *([gr.update()] * len(watch_outputs)))
-        return ("", job_id, *watch(job_id))
-
-    c["launch"].click(on_launch, inputs=[c["nproc"], *inputs], outputs=[c["message"], c["job_id"], *watch_outputs])
-    c["timer"].tick(watch, inputs=c["job_id"], outputs=watch_outputs, show_progress="hidden")
-
-    def on_cancel(job_id):
-        from .jobs_tab import cancel_job
-
-        return (cancel_job(ws, job_id), *watch(job_id))
-
-    c["cancel"].click(on_cancel, inputs=c["job_id"], outputs=[c["message"], *watch_outputs])
+    wire_job_panel(ctx, "train", poll_train, launch=launch_train, launch_button=c["launch"],
+                   launch_inputs=[c["nproc"], *inputs], cancel_button=c["cancel"], message=c["message"],
+                   job_id=c["job_id"], outputs=[c["status"], c["loss_plot"], c["acc_plot"], c["accept_plot"],
+                                                c["checkpoints"], c["summary"], c["timer"]])
     c["show_cli"].click(lambda n, *v: gr.update(value=cli_command(ws, n, *v), visible=True),
                         inputs=[c["nproc"], *inputs], outputs=c["cli"])
     c["save"].click(lambda p, *v: save_config(ws, p, *v), inputs=[c["save_path"], *inputs], outputs=c["message"])
@@ -473,14 +366,6 @@ def build(ctx) -> dict:
 
     side_timer.tick(side_tick, inputs=[c["side_job"], c["side_status"]], outputs=[c["side_status"], side_timer],
                     show_progress="hidden")
-
-    if ctx.app is not None:
-        # A reloaded page picks up the newest training run (it kept running without the page).
-        def on_load():
-            job_id = latest_train_job(ws)
-            return (job_id, *watch(job_id))
-
-        ctx.app.load(on_load, outputs=[c["job_id"], *watch_outputs])
     c["inputs"] = inputs
-    c["specs"] = specs
+    c["specs"] = flat_specs()
     return c
