@@ -6,7 +6,6 @@ and a config list (`batch,steps,topk,draft_tokens`; `1,0,0,0` is the baseline). 
 rewrites its results JSON after every run; this tab reads it and shows a table (pandas) and bar
 charts of the pooled acceptance length and the speedup per config. For small targets without SGLang,
 the reference server (`serve-reference`, same HTTP API) can be started here as a job.
-The bench engine is optional at import time: without it the tab says so instead of breaking the app.
 """
 
 from __future__ import annotations
@@ -36,39 +35,10 @@ DISPLAY_NAMES = {"acceptance_length_pooled": "accept len (pooled)",
 REF_FIELDS = ["target", "draft", "port", "steps"]
 
 
-def bench_engine():
-    """The bench module, or None when this installation has no bench engine."""
-    try:
-        from specforge_core.evaluate import bench
-    except ImportError:
-        return None
-    return bench
-
-
-def bench_kind_available() -> bool:
-    if bench_engine() is None:
-        return False
-    try:
-        from specforge_core.jobs.runner import resolve_kind
-
-        resolve_kind("bench")
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-def reference_available() -> bool:
-    try:
-        from specforge_core.jobs.runner import resolve_kind
-
-        resolve_kind("serve-reference")
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
 def _bench_cls():
-    return bench_engine().BenchConfig
+    from specforge_core.evaluate.bench import BenchConfig
+
+    return BenchConfig
 
 
 def _reference_cls():
@@ -112,8 +82,6 @@ def bench_config(workspace: str | Path, values: Sequence[Any]):
 
 
 def launch_bench(workspace: str | Path, *values: Any) -> tuple[str, Optional[str]]:
-    if not bench_kind_available():
-        return render_message("the bench job is not available in this installation", ok=False), None
     return start_job(workspace, "bench", lambda: bench_config(workspace, values), flat_specs())
 
 
@@ -184,8 +152,6 @@ def poll_bench(workspace: str | Path, job_id: Optional[str], results_path: str =
 def launch_reference(workspace: str | Path, *values: Any) -> tuple[str, Optional[str]]:
     """Start the reference server (SGLang's API over HF / in-process EAGLE3) as a background job;
     `values` in `REF_FIELDS` order."""
-    if not reference_available():
-        return render_message("the reference server is not available in this installation", ok=False), None
     try:
         cfg = REFERENCE_FORM.to_config(values, transform=workspace_transform(workspace, paths=("draft",),
                                                                              models=("target",)))
@@ -211,28 +177,21 @@ def build(ctx) -> dict:
                 "(needs sglang and a GPU). A config is `batch,steps,topk,draft_tokens`; `1,0,0,0` is the "
                 "no-speculation baseline that speedups are measured against. Benchmark sets are "
                 "`name[:count][=path]` (mtbench, gsm8k, humaneval, math500, or NAME=FILE in the workspace).")
-    if bench_engine() is None:
-        gr.Markdown("⚠ The benchmark engine (`specforge_core.evaluate.bench`) is not installed here.")
-        return c
     _, inputs = FORM.layout()
-    if reference_available():
-        with gr.Accordion("Reference server for small targets (SGLang's API, in-process, CPU-friendly)", open=False):
-            gr.Markdown("No SGLang here? Serve a small target (and an exported draft) with the reference server and "
-                        "benchmark it by its URL. It measures acceptance faithfully; its speed is a CPU's.")
-            _, ref_inputs = REFERENCE_FORM.layout(one_row)
-            ref_btn = gr.Button("Start reference server", elem_id="bench-ref-start")
-            ref_msg = gr.HTML(elem_id="bench-ref-message")
-            ref_btn.click(lambda *v: launch_reference(ws, *v)[0], inputs=ref_inputs, outputs=ref_msg)
+    with gr.Accordion("Reference server for small targets (SGLang's API, in-process, CPU-friendly)", open=False):
+        gr.Markdown("No SGLang here? Serve a small target (and an exported draft) with the reference server and "
+                    "benchmark it by its URL. It measures acceptance faithfully; its speed is a CPU's.")
+        _, ref_inputs = REFERENCE_FORM.layout(one_row)
+        ref_btn = gr.Button("Start reference server", elem_id="bench-ref-start")
+        ref_msg = gr.HTML(elem_id="bench-ref-message")
+        ref_btn.click(lambda *v: launch_reference(ws, *v)[0], inputs=ref_inputs, outputs=ref_msg)
     with gr.Row(equal_height=False, elem_classes=["wb-buttons"]):
-        c["launch"] = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=2,
-                                interactive=bench_kind_available())
+        c["launch"] = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=2)
         c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="bench-cancel", scale=1)
     with gr.Row(equal_height=True):
         c["results_path"] = gr.Textbox(value=GUI_DEFAULTS["output"], label="results file to show",
                                        elem_id="bench-results-path", scale=3)
         c["show"] = gr.Button("Show results", elem_id="bench-show", scale=1)
-    if not bench_kind_available():
-        gr.Markdown("⚠ This installation has no `bench` job command yet; results files can still be shown.")
     c["message"] = gr.HTML(elem_id="bench-message")
     c["job_id"] = gr.State(None)
     c["status"] = gr.HTML(elem_id="bench-status")

@@ -7,7 +7,7 @@ background job (`specforge_core.jobs.runner`, optionally under torchrun with N p
 `gr.Timer` polls what the job writes (`metrics.jsonl`, its checkpoints) and redraws the loss,
 acc_k and simulated acceptance-length plots. Export and check run as jobs of their own. Offline
 training (a hidden-state store instead of the target's weights) is the `train_hidden_states`
-field, with a disk estimate when `specforge_core.offline` is available.
+field, with a disk estimate from `specforge_core.offline.store`.
 """
 
 from __future__ import annotations
@@ -233,18 +233,8 @@ def side_job_result(workspace: str | Path, job_id: Optional[str]) -> tuple[str, 
 # ------------------------------------------------------------------------------------------------
 # Offline: disk estimate
 # ------------------------------------------------------------------------------------------------
-def offline_available() -> bool:
-    try:
-        from specforge_core.offline import store  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def disk_estimate(workspace: str | Path, *values: Any, sample_rows: int = 200) -> str:
     """How much disk a hidden-state dump of the train data would take (bf16 and fp8 vs SpecForge's 8H)."""
-    if not offline_available():
-        return "Offline training is not available in this installation (no `specforge_core.offline`)."
     from specforge_core.offline.store import bytes_per_token, human_bytes, specforge_bytes_per_token
     from specforge_core.training.export import load_target_config
 
@@ -308,7 +298,7 @@ def build(ctx) -> dict:
                     make(s)
             with gr.Row():
                 c["estimate_btn"] = gr.Button("Estimate disk for a dump", size="sm", elem_id="train-estimate",
-                                              scale=0, min_width=240, interactive=offline_available())
+                                              scale=0, min_width=240)
             c["estimate"] = gr.Markdown(elem_id="train-estimate-out")
 
     c["components"], inputs = FORM.layout(place_groups=offline_group)
