@@ -115,13 +115,14 @@ def launch_train(workspace: str | Path, nproc: Any, *values: Any) -> tuple[str, 
 # ------------------------------------------------------------------------------------------------
 # Watching a run
 # ------------------------------------------------------------------------------------------------
-def checkpoints_table(run_dir: str | Path):
+def checkpoints_table(run_dir: str | Path | None):
+    """The run's complete checkpoints; no rows for `None` (no run yet)."""
     import pandas as pd
     from specforge_core.training.checkpoint import CHECKPOINTS, COMPLETE
 
-    root = Path(run_dir) / CHECKPOINTS
+    root = Path(run_dir) / CHECKPOINTS if run_dir else None
     rows = []
-    if root.is_dir():
+    if root is not None and root.is_dir():
         for d in sorted(root.iterdir()):
             if not d.is_dir() or not d.name.startswith("step_") or not (d / COMPLETE).is_file():
                 continue
@@ -163,13 +164,13 @@ def run_dir_of(job: Any) -> Optional[str]:
 def poll_train(workspace: str | Path, job_id: Optional[str]):
     """(status html, loss fig, acc fig, accept-len fig, checkpoints df, summary md, live?) for a job."""
     if not job_id:
-        return (job_status_html(None), *training_figures([]), checkpoints_table("/nonexistent"), metrics_summary([]), False)
+        return (job_status_html(None), *training_figures([]), checkpoints_table(None), metrics_summary([]), False)
     w = watch_job(workspace, job_id)
     if w.job is None:
-        return (w.card, *training_figures([]), checkpoints_table("/nonexistent"), "", False)
+        return (w.card, *training_figures([]), checkpoints_table(None), "", False)
     run_dir = run_dir_of(w.job)
     rows = read_metrics(Path(run_dir) / "metrics.jsonl") if run_dir else []
-    ckpts = checkpoints_table(run_dir) if run_dir else checkpoints_table("/nonexistent")
+    ckpts = checkpoints_table(run_dir)
     ckpts["path"] = [relative_name(workspace, p) for p in ckpts["path"]]
     return (w.card, *training_figures(rows), ckpts, metrics_summary(rows), w.live)
 
@@ -350,12 +351,11 @@ def build(ctx) -> dict:
     c["check"].click(lambda j: on_side(check_run, j), inputs=c["job_id"],
                      outputs=[c["side_status"], c["side_job"], side_timer])
 
-    def side_tick(sid, prev):
+    def side_tick(sid):
         card, live = side_job_result(ws, sid)
         return card, gr.Timer(active=live)
 
-    side_timer.tick(side_tick, inputs=[c["side_job"], c["side_status"]], outputs=[c["side_status"], side_timer],
-                    show_progress="hidden")
+    side_timer.tick(side_tick, inputs=c["side_job"], outputs=[c["side_status"], side_timer], show_progress="hidden")
     c["inputs"] = inputs
     c["specs"] = flat_specs()
     return c
