@@ -61,20 +61,26 @@ def acc_keys(rows: Iterable[dict]) -> list[str]:
     return sorted(ks, key=lambda k: int(_ACC_RE.match(k).group(1)))
 
 
+def _train_eval_traces(fig: go.Figure, train: Sequence[dict], ev: Sequence[dict], key: str) -> bool:
+    """`key` per step: train as a line, eval as dashed markers; False when neither has a value."""
+    x, y = _series(train, key)
+    if x:
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if len(x) < 40 else "lines", name="train",
+                                 line=dict(color=TRAIN_COLOR, width=2), marker=dict(size=5)))
+    x2, y2 = _series(ev, key)
+    if x2:
+        fig.add_trace(go.Scatter(x=x2, y=y2, mode="lines+markers", name="eval",
+                                 line=dict(color=EVAL_COLOR, width=2, dash="dash"), marker=dict(size=8)))
+    return bool(x or x2)
+
+
 def loss_figure(rows: Sequence[dict]) -> go.Figure:
     """Train loss per step (line) and eval loss (markers)."""
     train, ev = split_rows(rows, "train"), split_rows(rows, "eval")
     if not train and not ev:
         return _empty("Loss", "no metrics yet", "step", "loss")
     fig = go.Figure()
-    x, y = _series(train, "loss")
-    if x:
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if len(x) < 40 else "lines", name="train",
-                                 line=dict(color=TRAIN_COLOR, width=2), marker=dict(size=5)))
-    x, y = _series(ev, "loss")
-    if x:
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="eval",
-                                 line=dict(color=EVAL_COLOR, width=2, dash="dash"), marker=dict(size=8)))
+    _train_eval_traces(fig, train, ev, "loss")
     norm = next((r.get("loss_normalization") for r in reversed(train) if r.get("loss_normalization")), None)
     title = "Loss (TTT-weighted)" + (f" · normalised per {norm} position" if norm == "counted" else "")
     return _layout(fig, title, "step", "loss")
@@ -101,15 +107,7 @@ def accept_len_figure(rows: Sequence[dict]) -> go.Figure:
     """Simulated acceptance length 1 + sum_j prod_{i<=j} acc_i, train and eval."""
     train, ev = split_rows(rows, "train"), split_rows(rows, "eval")
     fig = go.Figure()
-    x, y = _series(train, "sim_accept_len")
-    if x:
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if len(x) < 40 else "lines", name="train",
-                                 line=dict(color=TRAIN_COLOR, width=2), marker=dict(size=5)))
-    x2, y2 = _series(ev, "sim_accept_len")
-    if x2:
-        fig.add_trace(go.Scatter(x=x2, y=y2, mode="lines+markers", name="eval",
-                                 line=dict(color=EVAL_COLOR, width=2, dash="dash"), marker=dict(size=8)))
-    if not x and not x2:
+    if not _train_eval_traces(fig, train, ev, "sim_accept_len"):
         return _empty("Simulated acceptance length", "no metrics yet", "step", "tokens / verify step")
     fig = _layout(fig, "Simulated acceptance length (1 = no speedup)", "step", "tokens / verify step")
     fig.update_yaxes(rangemode="tozero")
