@@ -165,7 +165,7 @@ def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dic
 def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     from ..models.target import load_target
     from ..targets import load_tokenizer
-    from .draft_loader import draft_layer_ids, load_draft
+    from ..models.serving import draft_layer_ids, load_draft
 
     t_start = time.time()
     specs = [SpecConfig.parse(c, where="--configs") for c in cfg.configs]

@@ -281,23 +281,11 @@ def greedy_generate(target, prompt_ids: Sequence[int], max_new_tokens: int, eos_
 # ------------------------------------------------------------------------------------------------
 def draft_forward(draft, hidden: Tensor, ids: Tensor, positions: Tensor, past: tuple[Tensor, Tensor] | None,
                   allowed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One draft layer pass with an explicit mask (Eagle3Draft.draft_step only does causal).
-
-    hidden [1,n,3H_t] (fc applied) or [1,n,H]; ids [1,n] TARGET ids; positions [1,n];
-    past (k, v) [1,nkv,S,d] or None; allowed bool [n, S+n].
-    Returns out_hidden [1,n,H], logits [1,n,Vd], and the new k, v [1,nkv,n,d] (not concatenated)."""
-    h = draft.project(hidden) if hidden.shape[-1] != draft.hidden_size else hidden
-    h = h.to(draft.fc.weight.dtype)
-    emb = draft.embed(ids).to(h.dtype)
-    cos, sin = draft.rope(h, positions)
-    q, k, v = draft.midlayer.qkv(emb, h, cos, sin)
-    K, V = (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)) if past is not None else (k, v)
-    rep = q.shape[1] // K.shape[1]
-    if rep > 1:
-        K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
-    attn = F.scaled_dot_product_attention(q, K, V, attn_mask=allowed)
-    out = draft.midlayer.finish(h, attn)
-    return out, draft.logits(out), k, v
+    """The decoder's one call into the draft (its family's `draft_step`): out_hidden [1,n,H], logits
+    [1,n,Vd] and the n NEW keys / values [1,nkv,n,d] (the caller keeps its own cache)."""
+    out, logits, (k, v) = draft.draft_step(hidden, ids, positions, past, allowed)
+    n = ids.shape[1]
+    return out, logits, k[:, :, -n:], v[:, :, -n:]
 
 
 @dataclass
