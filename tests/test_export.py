@@ -88,7 +88,9 @@ def write_serving(d, state, config):
 def good_serving(d, dtype=torch.bfloat16):
     st = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in draft_state().items()
           if k != "embed_tokens.weight"}
-    return write_serving(d, st, draft_config(torch_dtype=str(dtype).split(".")[1], num_hidden_layers=1))
+    # A serving config carries the capture layers in both servers' meanings (issue 12).
+    return write_serving(d, st, draft_config(torch_dtype=str(dtype).split(".")[1], num_hidden_layers=1,
+                                             eagle_aux_hidden_state_layer_ids=[1, 2, 3]))
 
 
 # ------------------------------------------------------------------------------------------------

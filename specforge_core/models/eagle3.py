@@ -34,6 +34,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 from .family import DraftFamily
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
+SERVING_ACT = "silu"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,6 +101,40 @@ def _check_draft_fields(d: dict, where: str) -> None:
         raise ValueError(f"{where}: field 'rope_parameters' must be a dict, got {rp!r}")
 
 
+def override_layer_ids(overrides: dict | None) -> list[int] | None:
+    """The capture layers a SpecForge-style draft config names (nested `eagle_config` ids, our meaning:
+    outputs of layer i), or None. A top-level `eagle_aux_hidden_state_layer_ids` is vLLM's meaning
+    (the state entering layer k = output of k-1), so it is read back one lower."""
+    if not isinstance(overrides, dict):
+        return None
+    nested = (overrides.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") \
+        if isinstance(overrides.get("eagle_config"), dict) else None
+    if nested is not None:
+        return [int(i) for i in nested]
+    top = overrides.get("eagle_aux_hidden_state_layer_ids")
+    return [int(i) - 1 for i in top] if top is not None else None
+
+
+def servable_layer_problems(ids: list[int], num_layers: int | None) -> list[str]:
+    """Why SGLang / vLLM could not feed the draft these capture layers (outputs of layer i, 0-based).
+
+    SGLang adds 1 and captures the input of layer i+1 in its loop over layers: ids come out in
+    ascending order whatever the list says, a repeat is captured once, and i = L-1 (input of layer L)
+    is never reached, so fc would get fewer states than it was trained on."""
+    ids = [int(i) for i in ids]
+    out = []
+    if ids != sorted(ids):
+        out.append(f"aux layer ids {ids} are not ascending: SGLang and vLLM capture in layer order, so fc "
+                   f"would read them as {sorted(set(ids))}; use {sorted(set(ids))}")
+    if len(set(ids)) != len(ids):
+        out.append(f"aux layer ids {ids} repeat a layer: the servers capture it once, fc would get fewer states")
+    if num_layers is not None and (num_layers - 1) in ids:
+        out.append(f"aux layer id {num_layers - 1} is the target's last layer: SGLang reads the input of layer "
+                   f"i+1 = {num_layers}, which its layer loop never reaches (fc would get "
+                   f"{len(ids) - 1} states); use a layer below {num_layers - 1}")
+    return out
+
+
 def build_draft_config(target_config: PretrainedConfig, draft_vocab_size: int, layer_ids: list[int],
                        overrides: dict | None = None) -> LlamaConfig:
     """The draft's Llama config, derived from the target's; `overrides` (a SpecForge-style JSON draft
@@ -115,7 +150,8 @@ def build_draft_config(target_config: PretrainedConfig, draft_vocab_size: int, l
         "num_key_value_heads": int(getattr(t, "num_key_value_heads", None) or heads),
         "head_dim": int(getattr(t, "head_dim", None) or t.hidden_size // heads),
         "intermediate_size": int(t.intermediate_size),
-        "hidden_act": getattr(t, "hidden_act", "silu"),
+        # Not the target's: SGLang's and vLLM's LlamaMLP raise for anything but silu (ARCHITECTURE.md).
+        "hidden_act": SERVING_ACT,
         "rms_norm_eps": float(getattr(t, "rms_norm_eps", 1e-6)),
         "max_position_embeddings": int(t.max_position_embeddings),
         "rope_parameters": _rope_parameters(t),
@@ -166,6 +202,17 @@ def build_draft_config(target_config: PretrainedConfig, draft_vocab_size: int, l
         if "target_hidden_size" in ov and ov["target_hidden_size"] not in (None, target_hidden):
             raise ValueError(f"draft config overrides: target_hidden_size {ov['target_hidden_size']!r} differs "
                              f"from the target's hidden_size {target_hidden}")
+        if ov.get("hidden_act", SERVING_ACT) != SERVING_ACT:
+            raise ValueError(f"draft config overrides: hidden_act {ov['hidden_act']!r}: SGLang's and vLLM's "
+                             f"LlamaMLP refuse every activation but {SERVING_ACT!r}, so the draft could not be served")
+        ov_ids = override_layer_ids(ov)
+        if ov_ids is not None and ov_ids != [int(i) for i in layer_ids]:
+            # One source of truth: the target captures `layer_ids`; a config naming others would train on
+            # one set and tell the server to feed another.
+            raise ValueError(f"draft config overrides: eagle_aux_hidden_state_layer_ids {ov_ids} differ from the "
+                             f"layers the target captures {[int(i) for i in layer_ids]}; pass --aux-layer-ids "
+                             f"{' '.join(str(i) for i in ov_ids)} (or drop the ids from the draft config)")
+        ov.pop("eagle_aux_hidden_state_layer_ids", None)
         if ov.get("draft_vocab_size") not in (None, draft_vocab_size):
             # The vocab mapping (d2t/t2d) is built from the data for `draft_vocab_size`; a different
             # number in the JSON would give an lm_head that does not fit it.
@@ -416,7 +463,19 @@ def serving_config(train_config: dict, state: dict[str, Tensor], dtype: str) -> 
         else:
             c.setdefault("rope_scaling", None)
     c.setdefault("tie_word_embeddings", False)
+    # The two servers read the capture layers from different keys, in different meanings
+    # (ARCHITECTURE.md, "Serving formats"): SGLang the nested ids (output of layer i), vLLM the
+    # top-level ids first (the state entering layer k = output of k-1). Both are written, each in its
+    # reader's meaning, so both feed fc the layers it was trained on.
+    ids = layer_ids(c)
+    if ids:
+        c["eagle_aux_hidden_state_layer_ids"] = vllm_layer_ids(ids)
     return c
+
+
+def vllm_layer_ids(ids: list[int]) -> list[int]:
+    """Our capture ids (output of layer i) in vLLM's meaning (the state entering layer i+1)."""
+    return [int(i) + 1 for i in ids]
 
 
 def serving_tensors(state: dict[str, Tensor], dtype: str) -> dict[str, Tensor]:
@@ -482,6 +541,22 @@ def check_serving(cfg: dict, tensors: dict, tcfg: dict | None) -> list[str]:
             problems.append(f"config.json: eagle_config.eagle_aux_hidden_state_layer_ids must be 3 non-negative "
                             f"integers, got {ids!r}")
             ids = None
+    if ids is not None:
+        top = cfg.get("eagle_aux_hidden_state_layer_ids")
+        if top is None:
+            problems.append(f"config.json: no top-level eagle_aux_hidden_state_layer_ids: vLLM's V1 runner then "
+                            f"reads the nested ids {ids} as the states entering those layers and feeds the outputs "
+                            f"of layers {[i - 1 for i in ids]} (one lower than trained); write "
+                            f"{vllm_layer_ids(ids)} there (re-export)")
+        elif top != vllm_layer_ids(ids):
+            problems.append(f"config.json: top-level eagle_aux_hidden_state_layer_ids {top} (vLLM reads them as the "
+                            f"states entering layer k) do not match the nested ids {ids} (outputs of layer i, "
+                            f"what SGLang reads): expected {vllm_layer_ids(ids)}")
+        problems += [f"config.json: {p}" for p in servable_layer_problems(ids, None)]
+    act = cfg.get("hidden_act", SERVING_ACT) if cfg else SERVING_ACT
+    if act != SERVING_ACT:
+        problems.append(f"config.json: hidden_act is {act!r}: SGLang's and vLLM's LlamaMLP raise for every "
+                        f"activation but {SERVING_ACT!r}")
     rp = cfg.get("rope_parameters") if cfg else None
     if isinstance(rp, dict) and cfg.get("rope_theta") is not None and rp.get("rope_theta") is not None \
             and float(rp["rope_theta"]) != float(cfg["rope_theta"]):
@@ -502,6 +577,8 @@ def check_serving(cfg: dict, tensors: dict, tcfg: dict | None) -> list[str]:
         bad = [i for i in ids if i >= t_layers]
         if bad:
             problems.append(f"config.json: aux layer ids {bad} do not exist in the target ({t_layers} layers)")
+        elif t_layers - 1 in ids:
+            problems += [f"config.json: {p}" for p in servable_layer_problems([t_layers - 1], t_layers)]
 
     # -- tensor names -------------------------------------------------------------------------------
     if tensors:
