@@ -208,7 +208,10 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
                 "draft_kind": src.kind, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                 "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "prompts": len(prompts),
                 "acceptance_length_definition": "pooled: sum(tokens per verify step, bonus counted) / "
-                                                "sum(verify steps); 1.0 = no speculation",
+                                                "sum(verify steps); 1.0 = no speculation. "
+                                                "acceptance_length_sglang: SGLang's sum(completion_tokens) / "
+                                                "sum(spec_verify_ct), which also counts the token sampled "
+                                                "at prefill",
                 "config": cfg.model_dump(mode="json"), "baseline": summaries.get("baseline"),
                 "results": [summaries[k] for k in summaries if k != "baseline"]}
 

@@ -117,11 +117,16 @@ class GenerationResult:
 
 
 def acceptance_summary(results: Sequence[GenerationResult], steps: int) -> dict:
-    """Pooled acceptance length (sum of tokens per verify step / sum of verify steps, as SGLang pools
-    `completion_tokens / spec_verify_ct`; the bonus token counts, so no speculation gives 1.0), the
-    mean of per-request ratios (a different number, reported beside it), per-position acceptance
-    rates (position j: share of verify steps that accepted at least j drafts) and the histogram of
-    accepted draft counts per verify step."""
+    """Acceptance length two ways, and how it is made up.
+
+    `acceptance_length`: tokens the verify steps produced / verify steps, pooled over requests (the
+    bonus token counts, so no speculation gives 1.0): what a draft buys per target forward.
+    `acceptance_length_sglang`: SGLang's `completion_tokens / spec_verify_ct`, pooled, where
+    completion_tokens also holds the token sampled at prefill (no verify step made it) and stops at the
+    eos / length cut: compare this one with a server's `spec_accept_length` or our `bench` figure.
+    Beside them: the mean of per-request ratios (a different number), per-position acceptance rates
+    (position j: share of verify steps that accepted at least j drafts) and the histogram of accepted
+    draft counts per verify step."""
     verify = sum(r.verify_steps for r in results)
     toks = sum(r.step_tokens for r in results)
     per_req = [r.step_tokens / r.verify_steps for r in results if r.verify_steps]
@@ -133,6 +138,7 @@ def acceptance_summary(results: Sequence[GenerationResult], steps: int) -> dict:
     rates = [sum(hist[j:]) / n_acc if n_acc else 0.0 for j in range(1, steps + 1)]
     return {
         "acceptance_length": toks / verify if verify else None,
+        "acceptance_length_sglang": sum(len(r.tokens) for r in results) / verify if verify else None,
         "acceptance_length_per_request_mean": sum(per_req) / len(per_req) if per_req else None,
         "verify_steps": verify,
         "verified_tokens": toks,
