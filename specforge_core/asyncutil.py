@@ -3,11 +3,15 @@
 Jobs are plain functions; the regeneration and benchmark clients are asyncio inside. `asyncio.run`
 refuses to start under a running loop (Jupyter, a Gradio handler), so `run_sync` runs the coroutine
 on a fresh loop in a worker thread there, and propagates its result or exception.
+
+Also the address spelling that the regeneration and benchmark clients share (`normalize_address`),
+and `ServerThread`, which runs the project's loopback servers for tests, notebooks and benches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from typing import Any, Coroutine
 
@@ -31,6 +35,18 @@ def run_sync(coro: Coroutine) -> Any:
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def normalize_address(addr: str) -> str:
+    """`host:port`, `http://host:port/` or `host:port/v1` -> `http://host:port` (no trailing /v1)."""
+    a = addr.strip().rstrip("/")
+    if not a:
+        raise ValueError("empty server address")
+    if not re.match(r"^https?://", a):
+        a = "http://" + a
+    if a.endswith("/v1"):
+        a = a[:-3]
+    return a
 
 
 class ServerThread:

@@ -13,8 +13,9 @@ from conftest import tiny_llama_config
 from specforge_core.config import add_config_args, config_from_args
 from specforge_core.events import null_events
 from specforge_core.training.checkpoint import save_checkpoint
-from specforge_core.training.export import (REQUIRED_TENSORS, CheckDraftConfig, ExportConfig, check_draft,
-                                            check_draft_dir, export_draft)
+from specforge_core.models.eagle3 import REQUIRED_TENSORS
+from specforge_core.models.serving import check_draft_dir
+from specforge_core.training.export import CheckDraftConfig, ExportConfig, check_draft, export_draft
 
 H, HEADS, KV, HD, INTER, V, VD = 32, 4, 2, 8, 64, 128, 40
 
@@ -87,7 +88,9 @@ def write_serving(d, state, config):
 def good_serving(d, dtype=torch.bfloat16):
     st = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in draft_state().items()
           if k != "embed_tokens.weight"}
-    return write_serving(d, st, draft_config(torch_dtype=str(dtype).split(".")[1], num_hidden_layers=1))
+    # A serving config carries the capture layers in both servers' meanings (issue 12).
+    return write_serving(d, st, draft_config(torch_dtype=str(dtype).split(".")[1], num_hidden_layers=1,
+                                             eagle_aux_hidden_state_layer_ids=[1, 2, 3]))
 
 
 # ------------------------------------------------------------------------------------------------

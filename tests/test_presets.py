@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from specforge_core.data.presets import (PRESETS, Preset, SourceUnavailable, auto_convert, detect_preset, get_preset,
-                                         iter_source_records, register)
+from specforge_core.data.presets import PRESETS, Preset, auto_convert, detect_preset, get_preset, register
+from specforge_core.data.sources import SourceUnavailable, iter_source_records
 from specforge_core.data.readers import SkipReport, normalize_records, read_rows
 
 pytestmark = pytest.mark.unit

@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 from ..config import FORMAT_VERSION, PrepareDataConfig
 from ..events import Events, JobCancelled
-from .presets import get_preset, iter_source_records
+from .presets import get_preset
+from .sources import iter_source_records
 from .readers import SkipReport, dumps_line, expand_paths, iter_records, normalize_records
 from .schema import add_system_prompt
 

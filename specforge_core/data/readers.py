@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
+from .presets import auto_convert
 from .schema import RowError, normalize_row
 
 try:  # orjson is ~3x faster on the hot path; json is the fallback and the lenient second try
@@ -465,8 +466,6 @@ Converter = Callable[[dict], dict]
 
 def _resolve_convert(convert: Union[str, Converter, None]) -> Optional[Converter]:
     if convert == "auto":
-        from .presets import auto_convert  # presets builds on this module; import it late
-
         return auto_convert
     if convert is None or callable(convert):
         return convert

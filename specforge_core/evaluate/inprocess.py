@@ -165,7 +165,7 @@ def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dic
 def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     from ..models.target import load_target
     from ..targets import load_tokenizer
-    from .draft_loader import draft_layer_ids, load_draft
+    from ..models.serving import draft_layer_ids, load_draft
 
     t_start = time.time()
     specs = [SpecConfig.parse(c, where="--configs") for c in cfg.configs]
@@ -208,7 +208,10 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
                 "draft_kind": src.kind, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                 "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "prompts": len(prompts),
                 "acceptance_length_definition": "pooled: sum(tokens per verify step, bonus counted) / "
-                                                "sum(verify steps); 1.0 = no speculation",
+                                                "sum(verify steps); 1.0 = no speculation. "
+                                                "acceptance_length_sglang: SGLang's sum(completion_tokens) / "
+                                                "sum(spec_verify_ct), which also counts the token sampled "
+                                                "at prefill",
                 "config": cfg.model_dump(mode="json"), "baseline": summaries.get("baseline"),
                 "results": [summaries[k] for k in summaries if k != "baseline"]}
 

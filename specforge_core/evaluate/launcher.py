@@ -70,16 +70,15 @@ def cuda_graph_flag() -> str:
 
 
 def check_spec_params(steps: int, topk: int, draft_tokens: int) -> None:
-    """Raise ValueError for a server config SGLang would reject or silently change."""
-    if (steps, topk, draft_tokens) == (0, 0, 0):
-        return
-    if steps < 1 or topk < 1 or draft_tokens < 2:
-        raise ValueError(f"speculative config steps={steps} topk={topk} draft_tokens={draft_tokens}: need steps >= 1, "
-                         "topk >= 1, draft_tokens >= 2 (or 0,0,0 for no speculation)")
-    if topk == 1 and draft_tokens != steps + 1:
-        raise ValueError(f"with topk 1 (a chain) draft_tokens must be steps + 1 = {steps + 1}, got {draft_tokens}")
-    if draft_tokens > steps * topk + 1:
-        raise ValueError(f"draft_tokens {draft_tokens} exceeds the tree size steps*topk+1 = {steps * topk + 1}")
+    """Raise ValueError for a server config SGLang would reject or silently change.
+
+    The rules are `SpecConfig.parse`'s, one set for the server and the in-process decoder: SGLang ranks
+    `topk + (steps-1)*topk^2` candidates and keeps `draft_tokens - 1` of them (`organize_draft_results`),
+    and with topk 1 it resets draft_tokens to steps + 1 (so anything else is refused here)."""
+    from .spec_decode import SpecConfig
+
+    SpecConfig.parse(f"1,{steps},{topk},{draft_tokens}", where=f"speculative config steps={steps} topk={topk} "
+                     f"draft_tokens={draft_tokens}:")
 
 
 def sglang_argv(target: str, draft: Optional[str] = None, steps: int = 0, topk: int = 0, draft_tokens: int = 0,

@@ -150,7 +150,7 @@ def load_decoder(cfg: ServeReferenceConfig):
     if cfg.draft:
         # The in-process evaluator's loaders: the target captures the layers the draft was trained on.
         from ..models.target import load_target
-        from .draft_loader import draft_layer_ids, load_draft
+        from ..models.serving import draft_layer_ids, load_draft
         from .spec_decode import SpecDecoder
 
         target = load_target(cfg.target, device=device, layer_ids=draft_layer_ids(cfg.draft))

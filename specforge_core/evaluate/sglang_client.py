@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import aiohttp
 
-from ..regen.client import normalize_address
+from ..asyncutil import normalize_address
 
 # meta_info keys we read beyond the basics; absent ones stay None.
 SPEC_FIELDS = ("spec_verify_ct", "spec_accept_length", "spec_accept_rate", "spec_num_correct_drafts",

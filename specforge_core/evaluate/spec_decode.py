@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -118,11 +117,16 @@ class GenerationResult:
 
 
 def acceptance_summary(results: Sequence[GenerationResult], steps: int) -> dict:
-    """Pooled acceptance length (sum of tokens per verify step / sum of verify steps, as SGLang pools
-    `completion_tokens / spec_verify_ct`; the bonus token counts, so no speculation gives 1.0), the
-    mean of per-request ratios (a different number, reported beside it), per-position acceptance
-    rates (position j: share of verify steps that accepted at least j drafts) and the histogram of
-    accepted draft counts per verify step."""
+    """Acceptance length two ways, and how it is made up.
+
+    `acceptance_length`: tokens the verify steps produced / verify steps, pooled over requests (the
+    bonus token counts, so no speculation gives 1.0): what a draft buys per target forward.
+    `acceptance_length_sglang`: SGLang's `completion_tokens / spec_verify_ct`, pooled, where
+    completion_tokens also holds the token sampled at prefill (no verify step made it) and stops at the
+    eos / length cut: compare this one with a server's `spec_accept_length` or our `bench` figure.
+    Beside them: the mean of per-request ratios (a different number), per-position acceptance rates
+    (position j: share of verify steps that accepted at least j drafts) and the histogram of accepted
+    draft counts per verify step."""
     verify = sum(r.verify_steps for r in results)
     toks = sum(r.step_tokens for r in results)
     per_req = [r.step_tokens / r.verify_steps for r in results if r.verify_steps]
@@ -134,6 +138,7 @@ def acceptance_summary(results: Sequence[GenerationResult], steps: int) -> dict:
     rates = [sum(hist[j:]) / n_acc if n_acc else 0.0 for j in range(1, steps + 1)]
     return {
         "acceptance_length": toks / verify if verify else None,
+        "acceptance_length_sglang": sum(len(r.tokens) for r in results) / verify if verify else None,
         "acceptance_length_per_request_mean": sum(per_req) / len(per_req) if per_req else None,
         "verify_steps": verify,
         "verified_tokens": toks,
@@ -281,23 +286,11 @@ def greedy_generate(target, prompt_ids: Sequence[int], max_new_tokens: int, eos_
 # ------------------------------------------------------------------------------------------------
 def draft_forward(draft, hidden: Tensor, ids: Tensor, positions: Tensor, past: tuple[Tensor, Tensor] | None,
                   allowed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One draft layer pass with an explicit mask (Eagle3Draft.draft_step only does causal).
-
-    hidden [1,n,3H_t] (fc applied) or [1,n,H]; ids [1,n] TARGET ids; positions [1,n];
-    past (k, v) [1,nkv,S,d] or None; allowed bool [n, S+n].
-    Returns out_hidden [1,n,H], logits [1,n,Vd], and the new k, v [1,nkv,n,d] (not concatenated)."""
-    h = draft.project(hidden) if hidden.shape[-1] != draft.hidden_size else hidden
-    h = h.to(draft.fc.weight.dtype)
-    emb = draft.embed(ids).to(h.dtype)
-    cos, sin = draft.rope(h, positions)
-    q, k, v = draft.midlayer.qkv(emb, h, cos, sin)
-    K, V = (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)) if past is not None else (k, v)
-    rep = q.shape[1] // K.shape[1]
-    if rep > 1:
-        K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
-    attn = F.scaled_dot_product_attention(q, K, V, attn_mask=allowed)
-    out = draft.midlayer.finish(h, attn)
-    return out, draft.logits(out), k, v
+    """The decoder's one call into the draft (its family's `draft_step`): out_hidden [1,n,H], logits
+    [1,n,Vd] and the n NEW keys / values [1,nkv,n,d] (the caller keeps its own cache)."""
+    out, logits, (k, v) = draft.draft_step(hidden, ids, positions, past, allowed)
+    n = ids.shape[1]
+    return out, logits, k[:, :, -n:], v[:, :, -n:]
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The EAGLE3 draft model: its config (derived from the target's) and the module itself.
+"""The EAGLE3 draft family: its config (derived from the target's), the module, its serving format.
 
 The draft is one Llama decoder layer ("midlayer") whose attention reads `cat(input_layernorm(embed(x)),
 hidden_norm(h))` (2H wide), where `h = fc(cat of 3 captured target hidden states)` at the first step
@@ -13,6 +13,11 @@ The module exposes pieces rather than one opaque forward, because the training-t
 (`training/ttt.py`) needs to interleave its own attention between them: `project` (fc), `embed`,
 `midlayer.qkv` (norms, projections, RoPE), `midlayer.finish` (o_proj, residual, MLP) and `logits`.
 `draft_step` is the incremental API for speculative decoding at inference time.
+
+The serving format (what SGLang's and vLLM's `LlamaForCausalLMEagle3` load; docs/ARCHITECTURE.md,
+"Serving formats") is defined here too: `serving_config` / `serving_tensors` write it,
+`check_serving` checks it, `config_from_dict` reads it back. `FAMILY` bundles all of this for
+`models.registry`.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from .registry import register_draft
+from .family import DraftFamily
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
+SERVING_ACT = "silu"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,10 +79,9 @@ def _check_draft_fields(d: dict, where: str) -> None:
     arch = d.get("architectures")
     if not isinstance(arch, list) or not arch or not isinstance(arch[0], str):
         raise ValueError(f"{where}: field 'architectures' must be a list like [{ARCHITECTURE!r}], got {arch!r}")
-    from .registry import DRAFT_ARCHITECTURES
-    if arch[0] not in DRAFT_ARCHITECTURES:
-        raise ValueError(f"{where}: field 'architectures' names {arch[0]!r}; known draft architectures: "
-                         f"{sorted(DRAFT_ARCHITECTURES)}")
+    if arch[0] != ARCHITECTURE:
+        raise ValueError(f"{where}: field 'architectures' names {arch[0]!r}; an EAGLE3 draft is "
+                         f"[{ARCHITECTURE!r}]")
     heads, kv = d["num_attention_heads"], d["num_key_value_heads"]
     if heads % kv:
         raise ValueError(f"{where}: num_attention_heads ({heads}) must be a multiple of "
@@ -96,6 +101,40 @@ def _check_draft_fields(d: dict, where: str) -> None:
         raise ValueError(f"{where}: field 'rope_parameters' must be a dict, got {rp!r}")
 
 
+def override_layer_ids(overrides: dict | None) -> list[int] | None:
+    """The capture layers a SpecForge-style draft config names (nested `eagle_config` ids, our meaning:
+    outputs of layer i), or None. A top-level `eagle_aux_hidden_state_layer_ids` is vLLM's meaning
+    (the state entering layer k = output of k-1), so it is read back one lower."""
+    if not isinstance(overrides, dict):
+        return None
+    nested = (overrides.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids") \
+        if isinstance(overrides.get("eagle_config"), dict) else None
+    if nested is not None:
+        return [int(i) for i in nested]
+    top = overrides.get("eagle_aux_hidden_state_layer_ids")
+    return [int(i) - 1 for i in top] if top is not None else None
+
+
+def servable_layer_problems(ids: list[int], num_layers: int | None) -> list[str]:
+    """Why SGLang / vLLM could not feed the draft these capture layers (outputs of layer i, 0-based).
+
+    SGLang adds 1 and captures the input of layer i+1 in its loop over layers: ids come out in
+    ascending order whatever the list says, a repeat is captured once, and i = L-1 (input of layer L)
+    is never reached, so fc would get fewer states than it was trained on."""
+    ids = [int(i) for i in ids]
+    out = []
+    if ids != sorted(ids):
+        out.append(f"aux layer ids {ids} are not ascending: SGLang and vLLM capture in layer order, so fc "
+                   f"would read them as {sorted(set(ids))}; use {sorted(set(ids))}")
+    if len(set(ids)) != len(ids):
+        out.append(f"aux layer ids {ids} repeat a layer: the servers capture it once, fc would get fewer states")
+    if num_layers is not None and (num_layers - 1) in ids:
+        out.append(f"aux layer id {num_layers - 1} is the target's last layer: SGLang reads the input of layer "
+                   f"i+1 = {num_layers}, which its layer loop never reaches (fc would get "
+                   f"{len(ids) - 1} states); use a layer below {num_layers - 1}")
+    return out
+
+
 def build_draft_config(target_config: PretrainedConfig, draft_vocab_size: int, layer_ids: list[int],
                        overrides: dict | None = None) -> LlamaConfig:
     """The draft's Llama config, derived from the target's; `overrides` (a SpecForge-style JSON draft
@@ -111,7 +150,8 @@ def build_draft_config(target_config: PretrainedConfig, draft_vocab_size: int, l
         "num_key_value_heads": int(getattr(t, "num_key_value_heads", None) or heads),
         "head_dim": int(getattr(t, "head_dim", None) or t.hidden_size // heads),
         "intermediate_size": int(t.intermediate_size),
-        "hidden_act": getattr(t, "hidden_act", "silu"),
+        # Not the target's: SGLang's and vLLM's LlamaMLP raise for anything but silu (ARCHITECTURE.md).
+        "hidden_act": SERVING_ACT,
         "rms_norm_eps": float(getattr(t, "rms_norm_eps", 1e-6)),
         "max_position_embeddings": int(t.max_position_embeddings),
         "rope_parameters": _rope_parameters(t),
@@ -162,6 +202,17 @@ def build_draft_config(target_config: PretrainedConfig, draft_vocab_size: int, l
         if "target_hidden_size" in ov and ov["target_hidden_size"] not in (None, target_hidden):
             raise ValueError(f"draft config overrides: target_hidden_size {ov['target_hidden_size']!r} differs "
                              f"from the target's hidden_size {target_hidden}")
+        if ov.get("hidden_act", SERVING_ACT) != SERVING_ACT:
+            raise ValueError(f"draft config overrides: hidden_act {ov['hidden_act']!r}: SGLang's and vLLM's "
+                             f"LlamaMLP refuse every activation but {SERVING_ACT!r}, so the draft could not be served")
+        ov_ids = override_layer_ids(ov)
+        if ov_ids is not None and ov_ids != [int(i) for i in layer_ids]:
+            # One source of truth: the target captures `layer_ids`; a config naming others would train on
+            # one set and tell the server to feed another.
+            raise ValueError(f"draft config overrides: eagle_aux_hidden_state_layer_ids {ov_ids} differ from the "
+                             f"layers the target captures {[int(i) for i in layer_ids]}; pass --aux-layer-ids "
+                             f"{' '.join(str(i) for i in ov_ids)} (or drop the ids from the draft config)")
+        ov.pop("eagle_aux_hidden_state_layer_ids", None)
         if ov.get("draft_vocab_size") not in (None, draft_vocab_size):
             # The vocab mapping (d2t/t2d) is built from the data for `draft_vocab_size`; a different
             # number in the JSON would give an lm_head that does not fit it.
@@ -226,7 +277,6 @@ class Eagle3Midlayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))                            # [B,T,H]
 
 
-@register_draft(ARCHITECTURE)
 class Eagle3Draft(nn.Module):
     """The EAGLE3 draft (see the module docstring). Build it with `build_draft(config)`."""
 
@@ -308,14 +358,16 @@ class Eagle3Draft(nn.Module):
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
     def draft_step(self, hidden: Tensor, input_ids: Tensor, position_ids: Tensor,
-                   past_kv: tuple[Tensor, Tensor] | None = None):
-        """One incremental draft step for speculative decoding.
+                   past_kv: tuple[Tensor, Tensor] | None = None, allowed: Tensor | None = None):
+        """One incremental draft step for speculative decoding (chains and trees).
 
         hidden    [B,n,3*H_t] (target states: fc is applied) or [B,n,H] (the draft's own previous output)
-        input_ids [B,n] the tokens that follow those states; position_ids [B,n] their positions
+        input_ids [B,n] the TARGET ids that follow those states; position_ids [B,n] their positions
         past_kv   (k, v) [B,nkv,S,d] from earlier calls, or None
-        returns   (out_hidden [B,n,H] pre-norm, to feed back; logits [B,n,Vd]; new (k, v) [B,nkv,S+n,d])
-        The n new queries attend all S cached keys and, causally, each other.
+        allowed   bool [n, S+n]: which keys each new query sees (a tree's ancestors); default: all S
+                  cached keys and, causally, each other
+        returns   (out_hidden [B,n,H] pre-norm, to feed back; logits [B,n,Vd]; (k, v) [B,nkv,S+n,d], the
+                  cache with the n new keys appended: `k[:, :, -n:]` are the new ones)
         """
         h = self.project(hidden) if hidden.shape[-1] != self.hidden_size else hidden
         h = h.to(self.fc.weight.dtype)
@@ -326,9 +378,268 @@ class Eagle3Draft(nn.Module):
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
         n, S = q.shape[2], k.shape[2] - q.shape[2]
-        allowed = torch.ones(n, S + n, dtype=torch.bool, device=q.device).tril(diagonal=S)
+        if allowed is None:
+            allowed = torch.ones(n, S + n, dtype=torch.bool, device=q.device).tril(diagonal=S)
         rep = q.shape[1] // k.shape[1]
-        attn = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
-                                              attn_mask=allowed)
+        kk, vv = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+        attn = F.scaled_dot_product_attention(q, kk, vv, attn_mask=allowed)
         out = self.midlayer.finish(h, attn)
         return out, self.logits(out), (k, v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Serving format (docs/ARCHITECTURE.md, "Serving formats")
+# ------------------------------------------------------------------------------------------------
+# Tensors SGLang / vLLM's LlamaForCausalLMEagle3 load, by serving name.
+REQUIRED_TENSORS = (
+    "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight", "midlayer.self_attn.o_proj.weight",
+    "midlayer.mlp.gate_proj.weight", "midlayer.mlp.up_proj.weight", "midlayer.mlp.down_proj.weight",
+    "midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight", "midlayer.post_attention_layernorm.weight",
+    "fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d",
+)
+# Known to both servers but not required: when absent they share the target's embedding.
+OPTIONAL_TENSORS = ("embed_tokens.weight",)
+# Export drops these: the embedding is the target's, frozen (vocab x H of dead weight otherwise).
+EXPORT_DROP = ("embed_tokens.weight",)
+# transformers' runtime fields that mean nothing to a server reading config.json.
+_CONFIG_JUNK = ("id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
+                "output_attentions", "output_hidden_states", "return_dict", "_name_or_path", "use_cache",
+                "transformers_version")
+_EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def config_from_dict(cfg: dict, where: str = "config.json") -> LlamaConfig:
+    """A config.json (serving export: transformers-4 rope fields; or checkpoint: rope_parameters) -> LlamaConfig."""
+    d = {k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version", "torch_dtype", "dtype")}
+    # Serving exports carry rope_theta / rope_scaling; transformers 5 wants rope_parameters.
+    if "rope_parameters" not in d:
+        rp = dict(d.pop("rope_scaling", None) or {"rope_type": "default"})
+        rp.setdefault("rope_type", rp.pop("type", "default"))
+        rp["rope_theta"] = float(d.pop("rope_theta", 10000.0))
+        d["rope_parameters"] = rp
+    else:
+        d.pop("rope_scaling", None)
+        d.pop("rope_theta", None)
+    if not d.get("architectures"):
+        raise ValueError(f"{where}: field 'architectures' is missing (expected [{ARCHITECTURE!r}])")
+    return LlamaConfig(**d)
+
+
+def layer_ids(cfg: dict) -> list[int] | None:
+    """The target layers (outputs of, 0-based) the draft reads, from its config.json."""
+    ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    return [int(i) for i in ids] if ids else None
+
+
+def serving_config(train_config: dict, state: dict[str, Tensor], dtype: str) -> dict:
+    """The serving config.json from the checkpoint's draft config, filling what the tensors imply."""
+    c = {k: v for k, v in dict(train_config).items() if k not in _CONFIG_JUNK}
+    c["architectures"] = [ARCHITECTURE]
+    c["model_type"] = "llama"
+    c["num_hidden_layers"] = 1
+    c["torch_dtype"] = dtype
+    c["dtype"] = dtype
+    if "lm_head.weight" in state and not c.get("draft_vocab_size"):
+        c["draft_vocab_size"] = int(state["lm_head.weight"].shape[0])
+    if "t2d" in state and not c.get("vocab_size"):
+        c["vocab_size"] = int(state["t2d"].shape[0])
+    H = c.get("hidden_size")
+    if "fc.weight" in state and H:
+        H_t = int(state["fc.weight"].shape[1]) // 3
+        if H_t != H:
+            c["target_hidden_size"] = H_t
+        else:
+            c.pop("target_hidden_size", None)
+    # transformers 5 keeps RoPE in `rope_parameters`; servers on transformers 4 read rope_theta /
+    # rope_scaling and would silently fall back to theta 10000, so both spellings are written.
+    rp = c.get("rope_parameters")
+    if isinstance(rp, dict):
+        if rp.get("rope_theta") is not None:
+            c["rope_theta"] = rp["rope_theta"]
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            c["rope_scaling"] = scaling
+        else:
+            c.setdefault("rope_scaling", None)
+    c.setdefault("tie_word_embeddings", False)
+    # The two servers read the capture layers from different keys, in different meanings
+    # (ARCHITECTURE.md, "Serving formats"): SGLang the nested ids (output of layer i), vLLM the
+    # top-level ids first (the state entering layer k = output of k-1). Both are written, each in its
+    # reader's meaning, so both feed fc the layers it was trained on.
+    ids = layer_ids(c)
+    if ids:
+        c["eagle_aux_hidden_state_layer_ids"] = vllm_layer_ids(ids)
+    return c
+
+
+def vllm_layer_ids(ids: list[int]) -> list[int]:
+    """Our capture ids (output of layer i) in vLLM's meaning (the state entering layer i+1)."""
+    return [int(i) + 1 for i in ids]
+
+
+def serving_tensors(state: dict[str, Tensor], dtype: str) -> dict[str, Tensor]:
+    want = _EXPORT_DTYPES[dtype]
+    out = {}
+    for k, v in state.items():
+        if k in EXPORT_DROP:
+            continue
+        if k == "d2t":
+            out[k] = v.to(torch.int64).contiguous()
+        elif k == "t2d":
+            out[k] = v.to(torch.bool).contiguous()
+        elif v.is_floating_point():
+            out[k] = v.to(want).contiguous()
+        else:
+            out[k] = v.contiguous()  # unknown non-float: passed through so the check names it
+    return out
+
+
+def _int_field(cfg: dict, key: str, problems: list[str], required: bool = True) -> int | None:
+    v = cfg.get(key)
+    if v is None:
+        if required:
+            problems.append(f"config.json: field {key!r} is missing")
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        problems.append(f"config.json: field {key!r} must be a positive integer, got {v!r}")
+        return None
+    return v
+
+
+def check_serving(cfg: dict, tensors: dict, tcfg: dict | None) -> list[str]:
+    """Config fields, fit to the target, tensor names and shapes of an EAGLE3 serving checkpoint
+    (dtypes and the d2t/t2d mapping are checked by `models.serving` for every family)."""
+    problems: list[str] = []
+    # -- config fields ------------------------------------------------------------------------------
+    if cfg:
+        arch = cfg.get("architectures")
+        if arch != [ARCHITECTURE] and isinstance(arch, list) and arch and arch[0] == ARCHITECTURE:
+            problems.append(f"config.json: architectures is {arch!r}, expected [{ARCHITECTURE!r}]")
+        if cfg.get("num_hidden_layers") != 1:
+            problems.append(f"config.json: num_hidden_layers is {cfg.get('num_hidden_layers')!r}, expected 1")
+    H = _int_field(cfg, "hidden_size", problems) if cfg else None
+    heads = _int_field(cfg, "num_attention_heads", problems) if cfg else None
+    kv = _int_field(cfg, "num_key_value_heads", problems, required=False) if cfg else None
+    kv = kv or heads
+    head_dim = _int_field(cfg, "head_dim", problems, required=False) if cfg else None
+    if head_dim is None and H and heads:
+        head_dim = H // heads
+    inter = _int_field(cfg, "intermediate_size", problems) if cfg else None
+    V = _int_field(cfg, "vocab_size", problems) if cfg else None
+    Vd = _int_field(cfg, "draft_vocab_size", problems) if cfg else None
+    H_t = _int_field(cfg, "target_hidden_size", problems, required=False) if cfg else None
+    H_t = H_t or H
+    if V and Vd and Vd > V:
+        problems.append(f"config.json: draft_vocab_size {Vd} exceeds vocab_size {V}")
+    eagle = cfg.get("eagle_config") if cfg else None
+    ids = None
+    if eagle is not None:
+        ids = eagle.get("eagle_aux_hidden_state_layer_ids") if isinstance(eagle, dict) else None
+        if ids is not None and (not isinstance(ids, list) or len(ids) != 3 or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+            problems.append(f"config.json: eagle_config.eagle_aux_hidden_state_layer_ids must be 3 non-negative "
+                            f"integers, got {ids!r}")
+            ids = None
+    if ids is not None:
+        top = cfg.get("eagle_aux_hidden_state_layer_ids")
+        if top is None:
+            problems.append(f"config.json: no top-level eagle_aux_hidden_state_layer_ids: vLLM's V1 runner then "
+                            f"reads the nested ids {ids} as the states entering those layers and feeds the outputs "
+                            f"of layers {[i - 1 for i in ids]} (one lower than trained); write "
+                            f"{vllm_layer_ids(ids)} there (re-export)")
+        elif top != vllm_layer_ids(ids):
+            problems.append(f"config.json: top-level eagle_aux_hidden_state_layer_ids {top} (vLLM reads them as the "
+                            f"states entering layer k) do not match the nested ids {ids} (outputs of layer i, "
+                            f"what SGLang reads): expected {vllm_layer_ids(ids)}")
+        problems += [f"config.json: {p}" for p in servable_layer_problems(ids, None)]
+    act = cfg.get("hidden_act", SERVING_ACT) if cfg else SERVING_ACT
+    if act != SERVING_ACT:
+        problems.append(f"config.json: hidden_act is {act!r}: SGLang's and vLLM's LlamaMLP raise for every "
+                        f"activation but {SERVING_ACT!r}")
+    rp = cfg.get("rope_parameters") if cfg else None
+    if isinstance(rp, dict) and cfg.get("rope_theta") is not None and rp.get("rope_theta") is not None \
+            and float(rp["rope_theta"]) != float(cfg["rope_theta"]):
+        problems.append(f"config.json: rope_theta {cfg['rope_theta']} disagrees with rope_parameters.rope_theta "
+                        f"{rp['rope_theta']}")
+
+    # -- target fit ---------------------------------------------------------------------------------
+    t_vocab = tcfg.get("vocab_size") if tcfg else None
+    t_hidden = tcfg.get("hidden_size") if tcfg else None
+    t_layers = tcfg.get("num_hidden_layers") if tcfg else None
+    if t_vocab and V and V != t_vocab:
+        problems.append(f"config.json: vocab_size {V} does not match the target's vocab size {t_vocab} "
+                        "(d2t/t2d map into the target's vocabulary)")
+    if t_hidden and H_t and H_t != t_hidden:
+        what = "target_hidden_size" if cfg.get("target_hidden_size") else "hidden_size (no target_hidden_size)"
+        problems.append(f"config.json: {what} is {H_t}, but the target's hidden_size is {t_hidden}")
+    if t_layers and ids:
+        bad = [i for i in ids if i >= t_layers]
+        if bad:
+            problems.append(f"config.json: aux layer ids {bad} do not exist in the target ({t_layers} layers)")
+        elif t_layers - 1 in ids:
+            problems += [f"config.json: {p}" for p in servable_layer_problems([t_layers - 1], t_layers)]
+
+    # -- tensor names -------------------------------------------------------------------------------
+    if tensors:
+        for name in REQUIRED_TENSORS:
+            if name not in tensors:
+                problems.append(f"tensor {name!r} is missing (the server would use random weights for it)")
+        for name in sorted(tensors):
+            if name not in REQUIRED_TENSORS and name not in OPTIONAL_TENSORS:
+                problems.append(f"unknown tensor {name!r}: SGLang ignores names it does not know, so this "
+                                "weight would not be loaded")
+
+    # -- shapes -------------------------------------------------------------------------------------
+    expected: dict[str, tuple[int, ...]] = {}
+    if H and heads and head_dim and kv:
+        expected.update({
+            "midlayer.self_attn.q_proj.weight": (heads * head_dim, 2 * H),
+            "midlayer.self_attn.k_proj.weight": (kv * head_dim, 2 * H),
+            "midlayer.self_attn.v_proj.weight": (kv * head_dim, 2 * H),
+            "midlayer.self_attn.o_proj.weight": (H, heads * head_dim),
+        })
+    if H and inter:
+        expected.update({
+            "midlayer.mlp.gate_proj.weight": (inter, H),
+            "midlayer.mlp.up_proj.weight": (inter, H),
+            "midlayer.mlp.down_proj.weight": (H, inter),
+        })
+    if H:
+        for n in ("midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight",
+                  "midlayer.post_attention_layernorm.weight", "norm.weight"):
+            expected[n] = (H,)
+        if H_t:
+            expected["fc.weight"] = (H, 3 * H_t)
+        if Vd:
+            expected["lm_head.weight"] = (Vd, H)
+        if V:
+            expected["embed_tokens.weight"] = (V, H)
+    if Vd:
+        expected["d2t"] = (Vd,)
+    if V:
+        expected["t2d"] = (V,)
+    for name, shape in expected.items():
+        if name in tensors and tensors[name][1] != shape:
+            problems.append(f"tensor {name!r} has shape {list(tensors[name][1])}, expected {list(shape)} "
+                            f"from config.json")
+    if t_hidden and "fc.weight" in tensors and len(tensors["fc.weight"][1]) == 2 \
+            and tensors["fc.weight"][1][1] != 3 * t_hidden:
+        problems.append(f"tensor 'fc.weight' reads {tensors['fc.weight'][1][1]} inputs, but the target gives "
+                        f"3 * {t_hidden} = {3 * t_hidden}")
+    return problems
+
+
+FAMILY = DraftFamily(
+    name="eagle3",
+    architecture=ARCHITECTURE,
+    model=Eagle3Draft,
+    build_config=build_draft_config,
+    config_from_dict=config_from_dict,
+    serving_config=serving_config,
+    serving_tensors=serving_tensors,
+    check_serving=check_serving,
+    layer_ids=layer_ids,
+    required_tensors=REQUIRED_TENSORS,
+    optional_tensors=OPTIONAL_TENSORS,
+)

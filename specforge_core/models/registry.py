@@ -1,14 +1,24 @@
-"""Draft architectures by name: `config.architectures[0]` picks the class that `build_draft` builds.
+"""Draft families by name and by serving architecture: the one place the rest of the engine asks.
 
-A new draft kind registers itself with `@register_draft("ArchName")`; serving engines key on the same
-name in `config.json`, so the registry is also the list of what export may write.
+`FAMILIES` has one row per family (a `models.family.DraftFamily` its module defines). Training,
+export, check-draft, evaluation and the GUI look a family up here (`family(name)`,
+`family_for(architecture)`) and never import a family module by name; `build_draft(config)` builds
+the class `config.architectures[0]` names. A new family is one new module plus one row below.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-DRAFT_ARCHITECTURES: dict[str, type] = {}
+from . import eagle3
+from .family import DraftFamily
+
+FAMILIES: dict[str, DraftFamily] = {f.name: f for f in (
+    eagle3.FAMILY,
+)}
+
+# architecture name -> module class; `register_draft` adds classes that have no family (tests, plug-ins).
+DRAFT_ARCHITECTURES: dict[str, type] = {f.architecture: f.model for f in FAMILIES.values()}
 
 
 def register_draft(name: str):
@@ -19,20 +29,43 @@ def register_draft(name: str):
     return deco
 
 
-def _ensure_builtin() -> None:
-    # Importing the module runs its @register_draft decorators.
-    from . import eagle3  # noqa: F401
+def family_names() -> list[str]:
+    return list(FAMILIES)
+
+
+def known_architectures() -> list[str]:
+    return sorted(DRAFT_ARCHITECTURES)
+
+
+def family(name: str) -> DraftFamily:
+    """The family called `name` (`eagle3`, ...), or a ValueError listing the known ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown draft type {name!r}; known draft types: {family_names()}") from None
+
+
+def family_for(architecture: str) -> DraftFamily | None:
+    """The family whose serving checkpoints carry `architectures: [architecture]`."""
+    for f in FAMILIES.values():
+        if f.architecture == architecture:
+            return f
+    return None
+
+
+def guess_family(tensor_names) -> DraftFamily:
+    """The family whose required tensors a checkpoint holds most of (for files with a wrong name)."""
+    names = set(tensor_names)
+    return max(FAMILIES.values(), key=lambda f: len(names & set(f.required_tensors)))
 
 
 def build_draft(config) -> nn.Module:
     """Instantiate the draft class named by `config.architectures[0]`."""
-    _ensure_builtin()
     archs = getattr(config, "architectures", None) or []
     if not archs:
-        raise ValueError(f"draft config has no 'architectures'; known draft architectures: "
-                         f"{sorted(DRAFT_ARCHITECTURES)}")
+        raise ValueError(f"draft config has no 'architectures'; known draft architectures: {known_architectures()}")
     cls = DRAFT_ARCHITECTURES.get(archs[0])
     if cls is None:
         raise ValueError(f"unknown draft architecture {archs[0]!r}; known draft architectures: "
-                         f"{sorted(DRAFT_ARCHITECTURES)}")
+                         f"{known_architectures()}")
     return cls(config)

@@ -56,18 +56,6 @@ class RetryableError(RequestError):
         self.connection_failed = connection_failed
 
 
-def normalize_address(addr: str) -> str:
-    """`host:port`, `http://host:port/` or `host:port/v1` -> `http://host:port` (no trailing /v1)."""
-    a = addr.strip().rstrip("/")
-    if not a:
-        raise ValueError("empty server address")
-    if not re.match(r"^https?://", a):
-        a = "http://" + a
-    if a.endswith("/v1"):
-        a = a[:-3]
-    return a
-
-
 @dataclass
 class ChatReply:
     content: str

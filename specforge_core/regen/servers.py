@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 import aiohttp
 
-from .client import ChatClient, ChatReply, RequestError, normalize_address
+from ..asyncutil import normalize_address
+from .client import ChatClient, ChatReply, RequestError
 
 
 class AllServersDown(RuntimeError):

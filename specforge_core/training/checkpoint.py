@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,10 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
-MODEL_FILE = "model.safetensors"
-_STEP_RE = re.compile(r"^step_(\d+)$")
+from ..models.checkpoints import (CHECKPOINTS, COMPLETE, MODEL_FILE, STEP_RE, complete_checkpoints,  # noqa: F401
+                                  latest_checkpoint, resolve_checkpoint, step_dir_name)
+
 # The frozen target embedding is large (vocab x H) and identical to the target's: not worth saving.
 DROP_KEYS = ("embed_tokens.weight",)
 
@@ -102,21 +100,6 @@ def restore_rng(rng: dict) -> None:
             torch.cuda.set_rng_state(states[i].cpu(), i)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{int(step):08d}"
-
-
-def _complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    if not ckpt_root.is_dir():
-        return []
-    found = []
-    for d in ckpt_root.iterdir():
-        m = _STEP_RE.match(d.name)
-        if m and d.is_dir() and (d / COMPLETE).is_file():
-            found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
 def save_checkpoint(run_dir, step: int, model_state: dict, opt, sched, extra: dict, config: dict,
                     keep_last: int, is_main: bool) -> Path | None:
     """Write `run_dir/checkpoints/step_{step:08d}` atomically; keep the newest `keep_last`.
@@ -169,44 +152,18 @@ def save_checkpoint(run_dir, step: int, model_state: dict, opt, sched, extra: di
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    complete = _complete_checkpoints(root)
+    complete = complete_checkpoints(root)
     doomed = [d for _, d in complete[:-max(1, int(keep_last))] if d != keep]
     newest = complete[-1][0] if complete else -1
     for d in root.iterdir():
         # Leftovers of crashed saves (temp dirs, step dirs without the marker) are garbage.
         if d.name.startswith((".tmp_", ".old_")) and d.is_dir():
             doomed.append(d)
-        m = _STEP_RE.match(d.name)
+        m = STEP_RE.match(d.name)
         if m and d.is_dir() and not (d / COMPLETE).exists() and int(m.group(1)) <= newest:
             doomed.append(d)
     for d in doomed:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint under a run dir (or its `checkpoints/` dir); None if there is none.
-
-    A checkpoint dir itself (one holding `COMPLETE`) is returned as is."""
-    p = Path(run_dir)
-    if _STEP_RE.match(p.name) and (p / COMPLETE).is_file():
-        return p
-    root = p / CHECKPOINTS if (p / CHECKPOINTS).is_dir() else p
-    found = _complete_checkpoints(root)
-    return found[-1][1] if found else None
-
-
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint dir, or a run dir meaning its latest complete checkpoint; clear errors otherwise."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such checkpoint or run directory")
-    if (p / MODEL_FILE).exists() and not (p / COMPLETE).exists():
-        raise ValueError(f"{p}: incomplete checkpoint (no {COMPLETE} marker: an interrupted save, "
-                         "or not a training checkpoint)")
-    found = latest_checkpoint(p)
-    if found is None:
-        raise FileNotFoundError(f"{p}: no complete checkpoint here (looked for {CHECKPOINTS}/step_*/{COMPLETE})")
-    return found
 
 
 def _torch_load(path: Path):
