@@ -51,7 +51,8 @@ def preset_names() -> list[str]:
 
 def preset_table():
     import pandas as pd
-    from specforge_core.data.presets import PRESETS, is_cached
+    from specforge_core.data.presets import PRESETS
+    from specforge_core.data.sources import is_cached
 
     rows = []
     for name in sorted(PRESETS):

@@ -118,14 +118,11 @@ def launch_train(workspace: str | Path, nproc: Any, *values: Any) -> tuple[str, 
 def checkpoints_table(run_dir: str | Path | None):
     """The run's complete checkpoints; no rows for `None` (no run yet)."""
     import pandas as pd
-    from specforge_core.training.checkpoint import CHECKPOINTS, COMPLETE
+    from specforge_core.models.checkpoints import CHECKPOINTS, complete_checkpoints
 
-    root = Path(run_dir) / CHECKPOINTS if run_dir else None
     rows = []
-    if root is not None and root.is_dir():
-        for d in sorted(root.iterdir()):
-            if not d.is_dir() or not d.name.startswith("step_") or not (d / COMPLETE).is_file():
-                continue
+    if run_dir:
+        for _, d in complete_checkpoints(Path(run_dir) / CHECKPOINTS):
             try:
                 st = json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
@@ -237,7 +234,7 @@ def side_job_result(workspace: str | Path, job_id: Optional[str]) -> tuple[str, 
 def disk_estimate(workspace: str | Path, *values: Any, sample_rows: int = 200) -> str:
     """How much disk a hidden-state dump of the train data would take (bf16 and fp8 vs SpecForge's 8H)."""
     from specforge_core.offline.store import bytes_per_token, human_bytes, specforge_bytes_per_token
-    from specforge_core.training.export import load_target_config
+    from specforge_core.models.serving import load_target_config
 
     ws = Path(workspace)
     specs = flat_specs()
