@@ -10,7 +10,7 @@ forward with a 4D tree attention mask and per-node position ids (parent + 1).
 State between rounds (L = tokens in the target's KV cache): the target has processed tokens 0..L-1,
 token L (the "pending" token: the bonus of the last round) is known but not yet processed. The draft
 has consumed the pairs (target aux state of token t, embedding of token t+1) at RoPE positions
-t = 0..L-1 (DESIGN.md "EAGLE3" alignment) and the output of its last pair gives the distribution of
+t = 0..L-1 (docs/ARCHITECTURE.md, "EAGLE3 alignment") and the output of its last pair gives the distribution of
 token L+1. A drafted node at depth j sits at position L-1+j in the draft and at L+j in the target.
 
 After verification the target's cache keeps the accepted path (crop for a chain prefix, a gather for
