@@ -266,7 +266,7 @@ def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
     events.emit("dump_start", output=str(out), device=str(device), already_done=sum(writer.done_count(s)
                 for s, _ in splits), remaining_samples=est["remaining_samples"])
 
-    from ..training.batches import collate
+    from ..data.batches import collate
 
     sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
     t_loop, cpu_loop = time.time(), time.process_time()
