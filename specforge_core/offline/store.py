@@ -640,9 +640,6 @@ class HiddenStateStore:
     def indices(self, split: str) -> list[int]:
         return sorted(i for s, i in self._where if s == split)
 
-    def splits(self) -> list[str]:
-        return sorted({s for s, _ in self._where})
-
     def _shard(self, rec: dict):
         name = rec["shard"]
         got = self._open.get(name)
