@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_llama_config
 from specforge_core.models.eagle3 import build_draft_config
 from specforge_core.models.registry import build_draft
-from specforge_core.training.ttt import ATTENTION_BACKENDS, causal_lse, simulated_acceptance_length, ttt_forward
+from specforge_core.training.metrics import simulated_acceptance_length
+from specforge_core.training.ttt import ATTENTION_BACKENDS, causal_lse, ttt_forward
 from ttt_reference import ttt_reference
 
 pytestmark = pytest.mark.unit

@@ -43,15 +43,6 @@ class TTTOutput:
     counts: list[int] = field(default_factory=list)    # counted positions per step
 
 
-def simulated_acceptance_length(acc: list[float]) -> float:
-    """Expected tokens per verify step for a chain of drafts: 1 + sum_j prod_{i<=j} acc_i."""
-    total, run = 1.0, 1.0
-    for a in acc:
-        run *= float(a)
-        total += run
-    return total
-
-
 # ------------------------------------------------------------------------------------------------
 # Attention pieces
 # ------------------------------------------------------------------------------------------------
