@@ -1,5 +1,6 @@
 """The training-time test: the fast TTT equals the naive reference (values and gradients), the
-alignment and gating are the DESIGN.md ones, d2t/t2d are used, and a tiny draft can overfit a batch."""
+alignment and gating are the ones docs/ARCHITECTURE.md states ("EAGLE3 alignment", "TTT"), d2t/t2d are
+used, and a tiny draft can overfit a batch."""
 
 from __future__ import annotations
 

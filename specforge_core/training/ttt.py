@@ -1,13 +1,13 @@
 """The EAGLE3 training-time test (TTT): unroll the draft `ttt_length` steps and score it against the target.
 
-Alignment (DESIGN.md "EAGLE3"): position t pairs the target state of token t with the embedding of
-token t+1 and learns the target's distribution for token t+2 (the target logits at t+1). Step k
-(0-based) feeds the embedding of token t+1+k, the draft's own previous pre-norm output (k>0), sits at
-RoPE position t+k and predicts token t+2+k. A prediction is counted when token t+2+k exists, is real
-(attention_mask at t, t+1+k, t+2+k), is trained (loss_mask[t+2+k]) and the target's argmax for it lies
-in the draft vocabulary. Losses are soft cross-entropy against softmax(target_logits[..., t2d]),
-averaged over the counted positions (not B*T: the scale must not depend on padding), weighted decay**k
-and summed over steps.
+Alignment (docs/ARCHITECTURE.md, "EAGLE3 alignment"; the unroll and its gates: "TTT"): position t
+pairs the target state of token t with the embedding of token t+1 and learns the target's
+distribution for token t+2 (the target logits at t+1). Step k (0-based) feeds the embedding of token
+t+1+k, the draft's own previous pre-norm output (k>0), sits at RoPE position t+k and predicts token
+t+2+k. A prediction is counted when token t+2+k exists, is real (attention_mask at t, t+1+k, t+2+k),
+is trained (loss_mask[t+2+k]) and the target's argmax for it lies in the draft vocabulary. Losses
+are soft cross-entropy against softmax(target_logits[..., t2d]), averaged over the counted positions
+(not B*T: the scale must not depend on padding), weighted decay**k and summed over steps.
 
 Attention at step k: query t sees the step-0 keys j <= t (those with attention_mask[j], and always its
 own) plus its own position's keys from steps 1..k. Backends:
