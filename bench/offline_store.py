@@ -167,7 +167,7 @@ def bench_dump(root: Path, samples: int, real_weights: bool, options: list[tuple
     from specforge_core.models.target import load_target
     from specforge_core.offline.dump import DumpConfig, _split_stats, dump_hidden_states, length_batches
     from specforge_core.targets import load_tokenizer, resolve_model
-    from specforge_core.training.batches import collate
+    from specforge_core.data.batches import collate
 
     target_dir = "default"
     if not real_weights:

@@ -14,6 +14,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def _rss_mib() -> float:
@@ -27,7 +28,10 @@ def _one(mode: str, T: int, K: int, hidden: int, device: str) -> dict:
 
     from specforge_core.models.eagle3 import build_draft_config
     from specforge_core.models.registry import build_draft
-    from specforge_core.training.ttt import ttt_forward, ttt_reference
+    from specforge_core.training.ttt import ttt_forward
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference is test code
+    from ttt_reference import ttt_reference
 
     torch.manual_seed(0)
     V, VD = 4096, 2048

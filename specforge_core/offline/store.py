@@ -40,9 +40,9 @@ k = top-k; a teacher row costs 2H (hidden, bf16/fp16/fp8 formats), 4H (float32) 
   (the numbers are at f = 0.5, typical of chat data; `bytes_per_token` / `estimate_bytes` are exact.)
 SpecForge stores 8H + 16 per token (three aux states + last hidden state in bf16, plus ids and mask):
 4624 B for H=576, 32 KiB per token for an 8B target. fp8 is half of that, fp8 + top-64 about 38%.
-What each lossy option costs in draft quality is measured by bench/offline_quality.py (results in
-bench/results/offline_quality.json); the dump's default is the smallest option that costs < 2% of
-simulated acceptance length against bf16 storage.
+What each lossy option costs in draft quality is measured by bench/offline_quality.py; the dump's
+default is the smallest option that costs < 2% of simulated acceptance length against bf16 storage
+(the measured figures are in the comment above `DumpConfig.format`).
 
 Checksums: a crc32 of each shard file, checked the first time a reader opens that shard (reading the
 file once, which training does anyway); a mismatch or a wrong size names the shard and says to run
@@ -639,9 +639,6 @@ class HiddenStateStore:
 
     def indices(self, split: str) -> list[int]:
         return sorted(i for s, i in self._where if s == split)
-
-    def splits(self) -> list[str]:
-        return sorted({s for s, _ in self._where})
 
     def _shard(self, rec: dict):
         name = rec["shard"]

@@ -1,31 +1,41 @@
 """The EAGLE3 trainer: `train(config, events)`, the one function the CLI, the GUI and notebooks call.
 
-Read top to bottom: set up (distributed, data cache + draft vocab, target, draft, optimizer,
-schedule), resume if asked, then the loop — per optimizer step, `grad_accum` micro-batches of
-(target capture -> training-time test -> backward), gradient all-reduce, clip, step — logging train
-metrics to `metrics.jsonl`, evaluating and checkpointing on schedule. SIGTERM (a GUI cancel) makes
-the loop checkpoint and stop; `--resume` continues as if never stopped.
+`train` (at the bottom; the pieces above come in the order it uses them) reads top to bottom: set
+up (distributed, target or hidden-state store, tokenised cache and draft vocab, draft, optimizer,
+schedule), resume if asked, then the loop. Each `train_step` runs `grad_accum` micro-batches of
+(teacher -> training-time test -> backward), then gradient all-reduce, clip and step; the loop logs
+train metrics to `metrics.jsonl`, evaluates and checkpoints on schedule. Everything the loop carries
+from step to step is a `TrainState`, which is what a checkpoint saves: SIGTERM (a GUI cancel) makes
+the loop checkpoint and stop, and `--resume` continues as if never stopped.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
 from ..config import BuildCacheConfig, write_run_json
+from ..data.batches import Batch
 from ..events import Events, JobCancelled
-from .batches import Batch, EpochBatches
+from .batches import EpochBatches
+from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
+from .metrics import TTTMetrics
 from .tracking import Tracker
+from .ttt import TTTOutput, ttt_forward
 
 
 # ------------------------------------------------------------------------------------------------
-# Pieces
+# Set-up
 # ------------------------------------------------------------------------------------------------
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
     warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
@@ -47,7 +57,7 @@ def _cache_config(cfg: TrainConfig) -> BuildCacheConfig:
         cache_dir=cfg.cache_dir, num_proc=cfg.num_proc, draft_vocab_size=cfg.draft_vocab_size)
 
 
-def prepare_data(cfg: TrainConfig, info: DistInfo, events: Events, target_vocab_size: int):
+def load_training_data(cfg: TrainConfig, info: DistInfo, events: Events, target_vocab_size: int):
     """Build (rank 0) or wait for (others) the tokenised cache, then load it."""
     from ..data.cache import build_cache, load_cache
 
@@ -119,7 +129,7 @@ def _store_rows(store, split: str, n: int, where: str) -> list[int] | None:
 
 
 def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bool):
-    """(target head, teacher, data, train dataset, train row map, eval source) for offline training.
+    """(target head, teacher, data, train dataset, eval dataset) for offline training.
 
     The target's decoder weights are never loaded: only its config, embedding and (unless every store
     holds a top-k teacher) lm_head. The store must come from this target (weights hash), these layers
@@ -143,13 +153,13 @@ def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bo
     check_store_matches(run, vocab_size=head.vocab_size, where=where)
     dump_cfg = run.get("config") or {}
     if cfg.train_data:
-        data = prepare_data(cfg.model_copy(update={"target_model": name}), info, events, head.vocab_size)
+        data = load_training_data(cfg.model_copy(update={"target_model": name}), info, events, head.vocab_size)
     elif dump_cfg.get("train_data"):
         # The dump's own data fields find the same cache (and rebuild only the vocab if its size differs).
         upd = {k: dump_cfg[k] for k in ("train_data", "eval_data", "chat_template", "max_length",
                                         "train_only_last_turn", "cache_dir") if k in dump_cfg}
         upd["tokenizer"] = dump_cfg.get("tokenizer") or dump_cfg.get("target_model") or name
-        data = prepare_data(cfg.model_copy(update={"target_model": name, **upd}), info, events, head.vocab_size)
+        data = load_training_data(cfg.model_copy(update={"target_model": name, **upd}), info, events, head.vocab_size)
     else:
         from ..data.cache import load_cache
 
@@ -189,19 +199,195 @@ def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bo
     return head, teacher, data, train_ds, eval_ds
 
 
+def setup_online(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bool):
+    """(target, teacher, data, train dataset, eval dataset) for online training: the target stays resident
+    and runs on every batch."""
+    from ..models.target import load_target
+
+    target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32,
+                         device=info.device, layer_ids=cfg.aux_layer_ids)
+    data = load_training_data(cfg, info, events, target.vocab_size)
+    eval_ds = None if data.eval is None else data.eval.select(range(min(len(data.eval), cfg.eval_max_samples)))
+    return target, OnlineTeacher(target), data, data.train, eval_ds
+
+
+def build_draft_model(cfg: TrainConfig, target, data, device: torch.device):
+    """(draft, draft config): shaped after the target (plus --draft-model-config overrides), with the
+    target's embedding and the cache's draft vocabulary."""
+    from ..models.eagle3 import build_draft_config
+    from ..models.registry import build_draft
+
+    vocab = data.vocab
+    if vocab.target_vocab_size != target.vocab_size:
+        raise ValueError(f"the draft vocab in {data.path} maps a target vocab of {vocab.target_vocab_size} ids, "
+                         f"but {cfg.target_model} has {target.vocab_size}: tokenizer and target do not match")
+    overrides = None
+    if cfg.draft_model_config:
+        overrides = json.loads(Path(cfg.draft_model_config).read_text(encoding="utf-8"))
+    draft_config = build_draft_config(target.config, vocab.draft_vocab_size, layer_ids=target.layer_ids,
+                                      overrides=overrides)
+    draft = build_draft(draft_config)
+    draft.load_embedding(target.embedding_weight())
+    draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    return draft.to(device), draft_config
+
+
+# ------------------------------------------------------------------------------------------------
+# State: what the loop carries, saves and resumes
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where the loop stands; a checkpoint's `trainer_state.json` holds it and `--resume` starts from it."""
+
+    step: int = 0     # optimizer steps taken
+    epoch: int = 0
+    micro: int = 0    # micro-batches of `epoch` consumed; reaching batches_per_epoch rolls to the next epoch
+
+
+@dataclass
+class Run:
+    """What `train` sets up once and the loop's pieces (step, log, evaluate, checkpoint) share."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    events: Events
+    run_dir: Path
+    draft: torch.nn.Module
+    draft_config: Any
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    teacher: Any              # OnlineTeacher | OfflineTeacher: batch -> (aux hidden states, target logits)
+    tracker: Tracker
+    bf16: bool
+    pad_id: int
+    eval_ds: Any = None
+
+
+@dataclass
+class StepOutput:
+    metrics: TTTMetrics       # this step's micro-batches, this rank only
+    tokens: int               # real (non-padding) tokens this rank trained on
+    grad_norm: torch.Tensor   # before clipping
+
+
+def resume(run: Run) -> TrainState:
+    """Restore draft, optimizer, schedule and RNG from the run's latest complete checkpoint and cut
+    `metrics.jsonl` back to it, so the resumed run continues the curve exactly; a fresh state when
+    there is none."""
+    last = latest_checkpoint(run.run_dir)
+    if last is None:
+        run.events.warning(f"--resume: no complete checkpoint in {run.run_dir}; starting from scratch")
+        return TrainState()
+    ck = load_checkpoint(last)
+    missing, unexpected = run.draft.load_state_dict(ck["model_state"], strict=False)
+    # Checkpoints leave out the frozen embedding (the target's, already loaded); anything else must fit.
+    bad = [m for m in missing if not m.startswith("embed_tokens")] + list(unexpected)
+    if bad:
+        raise ValueError(f"{last}: checkpoint does not fit this draft: {bad[:5]}")
+    run.opt.load_state_dict(ck["optimizer_state"])
+    run.sched.load_state_dict(ck["scheduler_state"])
+    restore_rng(ck["rng"])
+    st = ck["trainer_state"]
+    state = TrainState(step=st["step"], epoch=st["epoch"], micro=st["micro"])
+    run.tracker.truncate_after(state.step)
+    run.events.emit("resumed", checkpoint=str(last), step=state.step, epoch=state.epoch, micro=state.micro)
+    return state
+
+
+def checkpoint(run: Run, state: TrainState, reason: str) -> None:
+    save_checkpoint(run.run_dir, state.step, run.draft.state_dict(), run.opt, run.sched,
+                    extra={**asdict(state), "reason": reason}, config=run.draft_config.to_dict(),
+                    keep_last=run.cfg.keep_last, is_main=run.info.is_main)
+    barrier(run.info)  # rank 0 alone writes; no rank leaves the loop before the checkpoint is on disk
+    run.events.emit("checkpoint", step=state.step, reason=reason)
+
+
+# ------------------------------------------------------------------------------------------------
+# One step, its log, the eval pass
+# ------------------------------------------------------------------------------------------------
+def epoch_batches(batches: EpochBatches, state: TrainState, epochs: int) -> Iterator[tuple[int, Batch]]:
+    """The micro-batches left in the current epoch, moving `state` to the next epoch if this one is
+    used up; nothing once `epochs` are done."""
+    if state.micro >= batches.batches_per_epoch():
+        state.epoch, state.micro = state.epoch + 1, 0
+    return batches.iter_epoch(state.epoch, state.micro) if state.epoch < epochs else iter(())
+
+
+def run_ttt(run: Run, batch: Batch, split: str = "train") -> TTTOutput:
+    """The teacher's view of the batch, then the draft's unrolled TTT against it."""
+    aux, logits = run.teacher(batch, split)
+    cfg = run.cfg
+    with torch.autocast(device_type=run.info.device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext():
+        return ttt_forward(run.draft, batch.input_ids, aux, logits, batch.loss_mask, batch.attention_mask,
+                           ttt_length=cfg.ttt_length, decay=cfg.ttt_decay, attention_backend=cfg.attention_backend)
+
+
+def train_step(run: Run, state: TrainState, micro_batches: Iterator[tuple[int, Batch]]) -> StepOutput | None:
+    """One optimizer step: forward and backward over up to `grad_accum` micro-batches (fewer where the
+    epoch ends: a step never spans two), gradients averaged over ranks, clipped, optimizer and schedule
+    stepped. None when no micro-batch was left."""
+    cfg = run.cfg
+    run.opt.zero_grad(set_to_none=True)
+    metrics, tokens, n = TTTMetrics(cfg.ttt_length), 0, 0
+    for index, batch in itertools.islice(micro_batches, cfg.grad_accum):
+        state.micro = index + 1
+        batch = batch.to(run.info.device)
+        out = run_ttt(run, batch)
+        (out.loss / cfg.grad_accum).backward()
+        metrics.add(out)
+        tokens += batch.num_tokens
+        n += 1
+    if n == 0:
+        return None
+    all_reduce_grads(run.params, run.info)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    run.opt.step()
+    run.sched.step()
+    state.step += 1
+    return StepOutput(metrics, tokens, grad_norm)
+
+
+def log_train(run: Run, state: TrainState, out: StepOutput, tokens_per_s: float, total_steps: int) -> None:
+    """A train row of `metrics.jsonl` and a progress event. Its TTT metrics are this step's, pooled over
+    ranks (not a mean since the last log); `tokens_per_s` is the caller's, over the whole interval."""
+    m = out.metrics.reduced(lambda sums: all_reduce_sum(sums, run.info))
+    row = {"split": "train", "step": state.step, "epoch": state.epoch, **m.row(run.cfg.ttt_decay),
+           "lr": run.sched.get_last_lr()[0], "grad_norm": float(out.grad_norm),
+           "counted_positions": int(m.counts[0]), "tokens_per_s": tokens_per_s, "loss_normalization": "counted"}
+    run.tracker.log(row)
+    run.events.progress(state.step, total_steps, what="steps", loss=round(row["loss"], 4),
+                        acc_0=round(row["acc_0"], 4), force=True)
+
+
+def evaluate(run: Run, state: TrainState) -> dict | None:
+    """TTT metrics over the whole eval split (each rank a share, pooled), logged as an eval row; None
+    without an eval split or with fewer samples than ranks."""
+    cfg, info, ds = run.cfg, run.info, run.eval_ds
+    if ds is None or len(ds) == 0 or len(ds) < info.world_size:
+        return None
+    batches = EpochBatches(ds, cfg.batch_size, cfg.seed, info.rank, info.world_size, shuffle=False,
+                           pad_id=run.pad_id)
+    metrics = TTTMetrics(cfg.ttt_length)
+    run.draft.eval()
+    with torch.no_grad():
+        for _, batch in batches.iter_epoch(0):
+            metrics.add(run_ttt(run, batch.to(info.device), "eval"))
+    run.draft.train()
+    m = metrics.reduced(lambda sums: all_reduce_sum(sums, info))
+    row = {"split": "eval", "step": state.step, "epoch": state.epoch, **m.row(cfg.ttt_decay), "samples": len(ds)}
+    run.tracker.log(row)
+    run.events.emit("eval", **{k: v for k, v in row.items() if k in ("step", "loss", "acc_0", "sim_accept_len")})
+    return row
+
+
 # ------------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, events: Events) -> dict:
-    from ..models.eagle3 import build_draft_config
-    from ..models.registry import build_draft
-    from ..models.target import load_target
-    from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-    from .ttt import simulated_acceptance_length, ttt_forward
-
     t_start = time.time()
     info = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # before anything random: the draft's initial weights
     run_dir = Path(cfg.output_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,35 +399,11 @@ def train(cfg: TrainConfig, events: Events) -> dict:
     events.emit("train_start", output_dir=str(run_dir), world_size=info.world_size, device=str(info.device),
                 bf16=use_bf16)
 
-    # -- target and data ---------------------------------------------------------------------------
-    if cfg.train_hidden_states:
-        target, teacher, data, train_ds, eval_ds = setup_offline(cfg, info, events, use_bf16)
-    else:
-        target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32,
-                             device=info.device, layer_ids=cfg.aux_layer_ids)
-        teacher = OnlineTeacher(target)
-        data = prepare_data(cfg, info, events, target.vocab_size)
-        train_ds = data.train
-        eval_ds = None if data.eval is None else data.eval.select(range(min(len(data.eval), cfg.eval_max_samples)))
-    vocab = data.vocab
-    if vocab.target_vocab_size != target.vocab_size:
-        raise ValueError(f"the draft vocab in {data.path} maps a target vocab of {vocab.target_vocab_size} ids, "
-                         f"but {cfg.target_model} has {target.vocab_size}: tokenizer and target do not match")
-
-    # -- draft -------------------------------------------------------------------------------------
-    overrides = None
-    if cfg.draft_model_config:
-        import json
-        overrides = json.loads(Path(cfg.draft_model_config).read_text(encoding="utf-8"))
-    draft_config = build_draft_config(target.config, vocab.draft_vocab_size, layer_ids=target.layer_ids,
-                                      overrides=overrides)
-    draft = build_draft(draft_config)
-    draft.load_embedding(target.embedding_weight())
-    draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
-    draft.to(info.device)
+    setup = setup_offline if cfg.train_hidden_states else setup_online
+    target, teacher, data, train_ds, eval_ds = setup(cfg, info, events, use_bf16)
+    draft, draft_config = build_draft_model(cfg, target, data, info.device)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-
     batches = EpochBatches(train_ds, cfg.batch_size, cfg.seed, info.rank, info.world_size,
                            pad_id=target.pad_token_id)
     steps_per_epoch = max(1, math.ceil(batches.batches_per_epoch() / cfg.grad_accum))
@@ -249,149 +411,48 @@ def train(cfg: TrainConfig, events: Events) -> dict:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio))
-
-    # -- resume ------------------------------------------------------------------------------------
-    step, epoch, micro = 0, 0, 0
     tracker = Tracker(run_dir, [r for r in cfg.report_to if r != "none"], cfg.model_dump(mode="json"),
                       is_main=info.is_main, wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name)
-    if cfg.resume:
-        last = latest_checkpoint(run_dir)
-        if last is None:
-            events.warning(f"--resume: no complete checkpoint in {run_dir}; starting from scratch")
-        else:
-            ck = load_checkpoint(last)
-            missing, unexpected = draft.load_state_dict(ck["model_state"], strict=False)
-            bad = [m for m in missing if not m.startswith("embed_tokens")] + list(unexpected)
-            if bad:
-                raise ValueError(f"{last}: checkpoint does not fit this draft: {bad[:5]}")
-            opt.load_state_dict(ck["optimizer_state"])
-            sched.load_state_dict(ck["scheduler_state"])
-            restore_rng(ck["rng"])
-            st = ck["trainer_state"]
-            step, epoch, micro = st["step"], st["epoch"], st["micro"]
-            tracker.truncate_after(step)
-            events.emit("resumed", checkpoint=str(last), step=step, epoch=epoch, micro=micro)
+    run = Run(cfg, info, events, run_dir, draft, draft_config, params, opt, sched, teacher, tracker, use_bf16,
+              target.pad_token_id, eval_ds)
+    state = resume(run) if cfg.resume else TrainState()
     if info.is_main:
         write_run_json(run_dir, "train-eagle3", cfg, draft_config=draft_config.to_dict(), cache=str(data.path),
                        world_size=info.world_size, mode="offline" if cfg.train_hidden_states else "online")
 
-    autocast = (torch.autocast(device_type=info.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
-
-    def run_ttt(batch: Batch, split: str = "train"):
-        aux, logits = teacher(batch, split)
-        with autocast:
-            return ttt_forward(draft, batch.input_ids, aux, logits, batch.loss_mask, batch.attention_mask,
-                               ttt_length=cfg.ttt_length, decay=cfg.ttt_decay,
-                               attention_backend=cfg.attention_backend)
-
-    def checkpoint(reason: str) -> None:
-        save_checkpoint(run_dir, step, draft.state_dict(), opt, sched,
-                        extra={"step": step, "epoch": epoch, "micro": micro, "reason": reason},
-                        config=draft_config.to_dict(), keep_last=cfg.keep_last, is_main=info.is_main)
-        barrier(info)
-        events.emit("checkpoint", step=step, reason=reason)
-
-    def evaluate() -> dict | None:
-        if eval_ds is None or len(eval_ds) == 0:
-            return None
-        ds = eval_ds
-        if len(ds) < info.world_size:
-            return None
-        ev = EpochBatches(ds, cfg.batch_size, cfg.seed, info.rank, info.world_size, shuffle=False,
-                          pad_id=target.pad_token_id)
-        K = cfg.ttt_length
-        sums = [0.0] * (3 * K)
-        draft.eval()
-        with torch.no_grad():
-            for _, b in ev.iter_epoch(0):
-                out = run_ttt(b.to(info.device), "eval")
-                for k in range(K):
-                    sums[k] += out.ploss[k] * out.counts[k]
-                    sums[K + k] += out.acc[k] * out.counts[k]
-                    sums[2 * K + k] += out.counts[k]
-        draft.train()
-        sums = all_reduce_sum(sums, info)
-        counts = sums[2 * K:]
-        acc = [sums[K + k] / max(counts[k], 1) for k in range(K)]
-        ploss = [sums[k] / max(counts[k], 1) for k in range(K)]
-        row = {"split": "eval", "step": step, "epoch": epoch,
-               "loss": sum(cfg.ttt_decay ** k * ploss[k] for k in range(K)),
-               **{f"ploss_{k}": ploss[k] for k in range(K)}, **{f"acc_{k}": acc[k] for k in range(K)},
-               "sim_accept_len": simulated_acceptance_length(acc), "samples": len(ds)}
-        tracker.log(row)
-        events.emit("eval", **{k: v for k, v in row.items() if k in ("step", "loss", "acc_0", "sim_accept_len")})
-        return row
-
     # -- loop --------------------------------------------------------------------------------------
     draft.train()
-    K = cfg.ttt_length
     last_eval = None
     events.emit("train_plan", total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                 train_samples=len(train_ds), eval_samples=len(eval_ds) if eval_ds is not None else 0,
-                draft_vocab_size=vocab.draft_vocab_size, vocab_coverage=vocab.coverage)
-    tok_count, t_log = 0, time.time()
+                draft_vocab_size=data.vocab.draft_vocab_size, vocab_coverage=data.vocab.coverage)
+    tokens, t_log = 0, time.time()
     try:
-        if micro >= batches.batches_per_epoch():
-            epoch, micro = epoch + 1, 0
-        it = batches.iter_epoch(epoch, micro) if epoch < cfg.epochs else iter(())
-        while step < total_steps:
-            opt.zero_grad(set_to_none=True)
-            agg = [0.0] * (3 * K)
-            n_micro = 0
-            for _ in range(cfg.grad_accum):
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                micro = nxt[0] + 1
-                batch = nxt[1].to(info.device)
-                out = run_ttt(batch)
-                (out.loss / cfg.grad_accum).backward()
-                for k in range(K):
-                    agg[k] += out.ploss[k] * out.counts[k]
-                    agg[K + k] += out.acc[k] * out.counts[k]
-                    agg[2 * K + k] += out.counts[k]
-                tok_count += batch.num_tokens
-                n_micro += 1
-            if n_micro == 0:
-                break  # epoch exhausted
-            all_reduce_grads(params, info)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            opt.step()
-            sched.step()
-            step += 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                agg = all_reduce_sum(agg, info)
-                counts = agg[2 * K:]
-                acc = [agg[K + k] / max(counts[k], 1) for k in range(K)]
-                ploss = [agg[k] / max(counts[k], 1) for k in range(K)]
+        micro_batches = epoch_batches(batches, state, cfg.epochs)
+        while state.step < total_steps:
+            out = train_step(run, state, micro_batches)
+            if out is None:
+                break  # the last epoch is used up
+            tokens += out.tokens
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
                 now = time.time()
-                row = {"split": "train", "step": step, "epoch": epoch,
-                       "loss": sum(cfg.ttt_decay ** k * ploss[k] for k in range(K)),
-                       **{f"ploss_{k}": ploss[k] for k in range(K)}, **{f"acc_{k}": acc[k] for k in range(K)},
-                       "sim_accept_len": simulated_acceptance_length(acc), "lr": sched.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "counted_positions": int(counts[0]),
-                       "tokens_per_s": tok_count * info.world_size / max(now - t_log, 1e-9),
-                       "loss_normalization": "counted"}
-                tracker.log(row)
-                events.progress(step, total_steps, what="steps", loss=round(row["loss"], 4),
-                                acc_0=round(acc[0], 4), force=True)
-                tok_count, t_log = 0, now
-            if micro >= batches.batches_per_epoch():
-                epoch, micro = epoch + 1, 0
-                it = batches.iter_epoch(epoch, 0) if epoch < cfg.epochs else iter(())
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                last_eval = evaluate()
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                checkpoint("periodic")
-            if events.cancelled:
-                checkpoint("cancelled")
-                raise JobCancelled(f"stopped at step {step}; --resume continues from here")
-        last_eval = evaluate() or last_eval
-        checkpoint("final")
+                log_train(run, state, out, tokens * info.world_size / max(now - t_log, 1e-9), total_steps)
+                tokens, t_log = 0, now
+            if state.micro >= batches.batches_per_epoch():
+                micro_batches = epoch_batches(batches, state, cfg.epochs)
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                last_eval = evaluate(run, state)
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
+                checkpoint(run, state, "periodic")
+            if events.cancelled:  # SIGTERM from a GUI cancel: save, so --resume loses nothing
+                checkpoint(run, state, "cancelled")
+                raise JobCancelled(f"stopped at step {state.step}; --resume continues from here")
+        last_eval = evaluate(run, state) or last_eval
+        checkpoint(run, state, "final")
     finally:
         tracker.close()
         cleanup(info)
-    summary = {"output_dir": str(run_dir), "steps": step, "epochs_done": epoch,
+    summary = {"output_dir": str(run_dir), "steps": state.step, "epochs_done": state.epoch,
                "seconds": round(time.time() - t_start, 1), "eval": last_eval,
                "latest_checkpoint": str(latest_checkpoint(run_dir)) if info.is_main else None}
     events.emit("train_done", **{k: v for k, v in summary.items() if k != "eval"})

@@ -1,13 +1,13 @@
 """The EAGLE3 training-time test (TTT): unroll the draft `ttt_length` steps and score it against the target.
 
-Alignment (DESIGN.md "EAGLE3"): position t pairs the target state of token t with the embedding of
-token t+1 and learns the target's distribution for token t+2 (the target logits at t+1). Step k
-(0-based) feeds the embedding of token t+1+k, the draft's own previous pre-norm output (k>0), sits at
-RoPE position t+k and predicts token t+2+k. A prediction is counted when token t+2+k exists, is real
-(attention_mask at t, t+1+k, t+2+k), is trained (loss_mask[t+2+k]) and the target's argmax for it lies
-in the draft vocabulary. Losses are soft cross-entropy against softmax(target_logits[..., t2d]),
-averaged over the counted positions (not B*T: the scale must not depend on padding), weighted decay**k
-and summed over steps.
+Alignment (docs/ARCHITECTURE.md, "EAGLE3 alignment"; the unroll and its gates: "TTT"): position t
+pairs the target state of token t with the embedding of token t+1 and learns the target's
+distribution for token t+2 (the target logits at t+1). Step k (0-based) feeds the embedding of token
+t+1+k, the draft's own previous pre-norm output (k>0), sits at RoPE position t+k and predicts token
+t+2+k. A prediction is counted when token t+2+k exists, is real (attention_mask at t, t+1+k, t+2+k),
+is trained (loss_mask[t+2+k]) and the target's argmax for it lies in the draft vocabulary. Losses
+are soft cross-entropy against softmax(target_logits[..., t2d]), averaged over the counted positions
+(not B*T: the scale must not depend on padding), weighted decay**k and summed over steps.
 
 Attention at step k: query t sees the step-0 keys j <= t (those with attention_mask[j], and always its
 own) plus its own position's keys from steps 1..k. Backends:
@@ -17,7 +17,7 @@ own) plus its own position's keys from steps 1..k. Backends:
         weighting. Extra memory per step is O(T*heads*d); nothing T x T is kept for backward.
   flex  (CUDA) flex_attention with a causal BlockMask, asking it for the lse; same merge.
   eager dense scores [T, T + k] per step: simple, O(T^2) per step; for debugging and small inputs.
-`ttt_reference` is the naive version (full (k+1)T-wide masks, Python loops) the tests compare against.
+`tests/ttt_reference.py` is the naive version (full (k+1)T-wide masks, Python loops) the tests compare against.
 """
 
 from __future__ import annotations
@@ -41,15 +41,6 @@ class TTTOutput:
     ploss: list[float] = field(default_factory=list)   # per step, masked soft CE over counted positions
     acc: list[float] = field(default_factory=list)     # per step, draft argmax (as target id) == target argmax
     counts: list[int] = field(default_factory=list)    # counted positions per step
-
-
-def simulated_acceptance_length(acc: list[float]) -> float:
-    """Expected tokens per verify step for a chain of drafts: 1 + sum_j prod_{i<=j} acc_i."""
-    total, run = 1.0, 1.0
-    for a in acc:
-        run *= float(a)
-        total += run
-    return total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,83 +276,6 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
         total = total + (decay ** k) * lk
         ploss.append(float(lk.detach()))
         accs.append(acc_k)
-        counts.append(cnt)
-        h = out
-    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts)
-
-
-# ------------------------------------------------------------------------------------------------
-# Reference (tests only): explicit full masks over all keys, Python loops for the gates
-# ------------------------------------------------------------------------------------------------
-def ttt_reference(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Tensor, loss_mask: Tensor,
-                  attention_mask: Tensor, ttt_length: int = 7, decay: float = 0.8) -> TTTOutput:
-    """The TTT written the obvious way: O(K * T * K*T) memory; for checking `ttt_forward` only."""
-    B, T = input_ids.shape
-    a = draft.midlayer.self_attn
-    nh, nkv, d = a.num_heads, a.num_kv_heads, a.head_dim
-    t2d_ids = torch.nonzero(draft.t2d).flatten()                       # draft id i -> target id
-    ml = draft.midlayer
-
-    def rot(x, positions):
-        cos, sin = draft.rotary_emb(x, positions)                     # [B,T,d]
-        cos, sin = cos[:, None], sin[:, None]
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-    h = draft.fc(aux_hidden)
-    keys, values = [], []
-    total = 0.0
-    ploss, accs, counts = [], [], []
-    for k in range(ttt_length):
-        ids = torch.zeros_like(input_ids)
-        for b in range(B):
-            for t in range(T):
-                if t + 1 + k < T:
-                    ids[b, t] = input_ids[b, t + 1 + k]
-        x = torch.cat([ml.input_layernorm(draft.embed_tokens(ids)), ml.hidden_norm(h)], dim=-1)
-        positions = torch.arange(T).expand(B, T) + k
-        q = rot(a.q_proj(x).view(B, T, nh, d).transpose(1, 2), positions)
-        kk = rot(a.k_proj(x).view(B, T, nkv, d).transpose(1, 2), positions)
-        vv = a.v_proj(x).view(B, T, nkv, d).transpose(1, 2)
-        keys.append(kk.repeat_interleave(nh // nkv, dim=1))
-        values.append(vv.repeat_interleave(nh // nkv, dim=1))
-        K = torch.cat(keys, dim=2)                                     # [B,nh,(k+1)T,d]
-        V = torch.cat(values, dim=2)
-        allowed = torch.zeros(B, T, (k + 1) * T, dtype=torch.bool)
-        for b in range(B):
-            for t in range(T):
-                allowed[b, t, :t + 1] = attention_mask[b, :t + 1].bool()   # step-0 keys j <= t, real ones
-                allowed[b, t, t] = True                                     # and always its own
-                for s in range(1, k + 1):
-                    allowed[b, t, s * T + t] = True                         # its own keys of steps 1..k
-        scores = (q @ K.transpose(-1, -2)) / d ** 0.5
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        attn = torch.softmax(scores, dim=-1) @ V                       # [B,nh,T,d]
-        o = h + a.o_proj(attn.transpose(1, 2).reshape(B, T, nh * d))
-        out = o + ml.mlp(ml.post_attention_layernorm(o))
-        logits = draft.lm_head(draft.norm(out))                        # [B,T,Vd]
-
-        loss_sum = logits.sum() * 0.0
-        cnt, correct = 0, 0
-        for b in range(B):
-            for t in range(T):
-                p = t + 2 + k                                          # the predicted token
-                if p >= T:
-                    continue
-                if not (attention_mask[b, t] and attention_mask[b, t + 1 + k] and attention_mask[b, p]
-                        and loss_mask[b, p]):
-                    continue
-                tl = target_logits[b, t + 1 + k]
-                if not bool(draft.t2d[int(tl.argmax())]):
-                    continue
-                teacher = torch.softmax(_up(tl[t2d_ids]), dim=-1)
-                loss_sum = loss_sum - (teacher * torch.log_softmax(_up(logits[b, t]), dim=-1)).sum()
-                cnt += 1
-                correct += int(int(t2d_ids[int(logits[b, t].argmax())]) == int(tl.argmax()))
-        lk = loss_sum / max(cnt, 1)
-        total = total + decay ** k * lk
-        ploss.append(float(lk.detach()))
-        accs.append(correct / max(cnt, 1))
         counts.append(cnt)
         h = out
     return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts)
