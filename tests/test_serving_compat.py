@@ -197,3 +197,22 @@ def test_golden_smollm2_default_export():
     assert cfg["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 14, 26]}
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [2, 15, 27]
     assert cfg["rope_theta"] == 100000.0 and cfg["rope_scaling"] is None and cfg["head_dim"] == 64
+
+
+@pytest.mark.unit
+def test_training_takes_capture_layers_from_one_source(tmp_path):
+    from specforge_core.training.config import TrainConfig
+    from specforge_core.training.trainer import capture_layers, servable_or_raise
+
+    f = tmp_path / "draft.json"
+    f.write_text(json.dumps({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 11, 21]}}))
+    base = dict(train_data=["x.jsonl"], output_dir=str(tmp_path / "run"))
+    assert capture_layers(TrainConfig(**base, draft_model_config=str(f))) == [1, 11, 21]   # the config sets them
+    assert capture_layers(TrainConfig(**base, aux_layer_ids=[1, 11, 21], draft_model_config=str(f))) == [1, 11, 21]
+    with pytest.raises(ValueError, match=r"\[1, 3, 4\].*\[1, 11, 21\]"):
+        capture_layers(TrainConfig(**base, aux_layer_ids=[1, 3, 4], draft_model_config=str(f)))
+    assert capture_layers(TrainConfig(**base)) is None                                      # the target's default
+    with pytest.raises(ValueError, match="last layer"):
+        servable_or_raise([1, 14, 29], 30)
+    with pytest.raises(ValueError, match="ascending"):
+        servable_or_raise([14, 1, 26], 30)

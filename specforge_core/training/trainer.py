@@ -205,27 +205,56 @@ def setup_online(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: boo
     from ..models.target import load_target
 
     target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32,
-                         device=info.device, layer_ids=cfg.aux_layer_ids)
+                         device=info.device, layer_ids=capture_layers(cfg))
+    servable_or_raise(target.layer_ids, target.num_layers)
     data = load_training_data(cfg, info, events, target.vocab_size)
     eval_ds = None if data.eval is None else data.eval.select(range(min(len(data.eval), cfg.eval_max_samples)))
     return target, OnlineTeacher(target), data, data.train, eval_ds
 
 
+def draft_overrides(cfg: TrainConfig) -> dict | None:
+    """The --draft-model-config JSON (SpecForge style), or None."""
+    if not cfg.draft_model_config:
+        return None
+    p = Path(cfg.draft_model_config)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: cannot read the draft config: {e}") from None
+
+
+def capture_layers(cfg: TrainConfig) -> list[int] | None:
+    """The target layers to capture: --aux-layer-ids, else the ones a --draft-model-config names, else
+    None (the target's default). The two must agree: one set is trained and the same set is served."""
+    from ..models.eagle3 import override_layer_ids
+
+    named = override_layer_ids(draft_overrides(cfg))
+    if cfg.aux_layer_ids is not None and named is not None and list(cfg.aux_layer_ids) != named:
+        raise ValueError(f"--aux-layer-ids {list(cfg.aux_layer_ids)} and the layers {cfg.draft_model_config} "
+                         f"names {named} differ: the target would capture one set and the server feed the other; "
+                         "give one of them")
+    return list(cfg.aux_layer_ids) if cfg.aux_layer_ids is not None else named
+
+
+def servable_or_raise(layer_ids: list[int], num_layers: int) -> None:
+    from ..models.eagle3 import servable_layer_problems
+
+    problems = servable_layer_problems(layer_ids, num_layers)
+    if problems:
+        raise ValueError("--aux-layer-ids: " + "; ".join(problems))
+
+
 def build_draft_model(cfg: TrainConfig, target, data, device: torch.device):
     """(draft, draft config): shaped after the target (plus --draft-model-config overrides), with the
-    target's embedding and the cache's draft vocabulary."""
-    from ..models.eagle3 import build_draft_config
-    from ..models.registry import build_draft
+    target's embedding and the cache's draft vocabulary. The family comes from the registry."""
+    from ..models.registry import build_draft, family
 
     vocab = data.vocab
     if vocab.target_vocab_size != target.vocab_size:
         raise ValueError(f"the draft vocab in {data.path} maps a target vocab of {vocab.target_vocab_size} ids, "
                          f"but {cfg.target_model} has {target.vocab_size}: tokenizer and target do not match")
-    overrides = None
-    if cfg.draft_model_config:
-        overrides = json.loads(Path(cfg.draft_model_config).read_text(encoding="utf-8"))
-    draft_config = build_draft_config(target.config, vocab.draft_vocab_size, layer_ids=target.layer_ids,
-                                      overrides=overrides)
+    draft_config = family("eagle3").build_config(target.config, vocab.draft_vocab_size, layer_ids=target.layer_ids,
+                                                 overrides=draft_overrides(cfg))
     draft = build_draft(draft_config)
     draft.load_embedding(target.embedding_weight())
     draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
