@@ -37,12 +37,18 @@ class RegenConfig(JobConfig):
     model: Optional[str] = Field(None, description="model name sent to the servers (default: the first one "
                                  "the first server lists at /v1/models)")
     concurrency: int = Field(64, ge=1, description="requests in flight per server")
-    timeout_s: float = Field(600.0, gt=0, description="timeout of one request, in seconds")
+    timeout_s: float = Field(600.0, gt=0, description="timeout of one whole request, in seconds (long answers "
+                             "need minutes)")
+    idle_timeout_s: float = Field(60.0, ge=0, description="retry a request that sent no byte for this many "
+                                  "seconds (hung server, stalled stream); not counted while the server queues "
+                                  "it before its first token; 0 = off")
     connect_timeout_s: float = Field(10.0, gt=0, description="timeout to open a connection / answer a health probe")
     max_retries: int = Field(3, ge=0, description="retries of one request after a 5xx, 429, reset, timeout or bad JSON")
     retry_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each attempt (with jitter, max 30 s)")
     retire_after: int = Field(3, ge=1, description="consecutive failures after which a server is health-probed "
                               "and retired if the probe fails")
+    reprobe_s: float = Field(30.0, ge=0, description="health-probe retired servers this often (seconds); one that "
+                             "answers (restarted, finished loading) rejoins the pool; 0 = never")
 
     local_model: str = Field("default", description="local backend: model (`default` = SmolLM2-135M-Instruct, "
                              "a local HF directory, or a hub id)")

@@ -201,8 +201,10 @@ def _plan(u: Unit, cfg: RegenConfig, sink: _Sink) -> Optional[tuple[list[dict], 
 async def _run_server(cfg: RegenConfig, events: Events, units: Iterator[Unit], sink: _Sink) -> None:
     st = sink.st
     rng = random.Random(cfg.seed)
-    async with ChatClient(cfg.api_key, cfg.timeout_s, cfg.connect_timeout_s) as client:
-        pool = ServerPool(client, cfg.server_address or [], cfg.concurrency, cfg.retire_after, events)
+    async with ChatClient(cfg.api_key, cfg.timeout_s, cfg.connect_timeout_s,
+                          idle_timeout_s=cfg.idle_timeout_s) as client:
+        pool = ServerPool(client, cfg.server_address or [], cfg.concurrency, cfg.retire_after, events,
+                          reprobe_s=cfg.reprobe_s)
         try:
             alive = await pool.probe_all()
             model = cfg.model
@@ -211,7 +213,7 @@ async def _run_server(cfg: RegenConfig, events: Events, units: Iterator[Unit], s
                 model = listed[0]
             elif model is not None and listed and model not in listed:
                 events.warning(f"model {model!r} is not among those the servers list ({sorted(set(listed))})")
-            st.model = model
+            st.model = pool.model = model
             events.emit("servers", alive=[s.address for s in alive], model=model,
                         retired=[s.address for s in pool.servers if not s.alive])
             params = SamplingParams(model=model, temperature=cfg.temperature, top_p=cfg.top_p,
