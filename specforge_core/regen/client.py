@@ -6,6 +6,15 @@ acts on: `RetryableError` (5xx, 429, reset or dropped connection, timeout, malfo
 again, maybe elsewhere) and `RequestError` (4xx such as a prompt longer than the context: retrying
 cannot help). `connection_failed` marks errors that say the server itself may be gone.
 
+Replies are streamed (`stream: true`, server-sent `data:` lines up to `data: [DONE]`, usage asked
+for with `stream_options.include_usage`) so that a hung request is told from a long answer: the
+whole-request timeout (`timeout_s`, minutes, for long generations) stays, and an **idle timeout**
+(`idle_timeout_s`, no byte for that long) ends a request that stopped talking. The idle clock runs
+while waiting for the response headers (real servers send them at once; a server that accepted the
+request and never answers sends nothing) and between stream chunks once the first one came; it does
+not run between the headers and the first chunk, where a healthy server may keep a request queued
+behind others for minutes. A server that ignores `stream` and answers one JSON body is read as such.
+
 The conversation logic also lives here, because it is the same for every backend:
 `plan_turns` keeps system and user turns and drops the old assistant turns, `split_reasoning`
 separates `<think>` blocks from an answer.
@@ -77,7 +86,8 @@ class SamplingParams:
 
     def payload(self, messages: list[dict]) -> dict:
         body: dict[str, Any] = {"messages": messages, "temperature": self.temperature, "top_p": self.top_p,
-                                "max_tokens": self.max_tokens, "stream": False}
+                                "max_tokens": self.max_tokens, "stream": True,
+                                "stream_options": {"include_usage": True}}
         if self.model:
             body["model"] = self.model
         if self.stop:
@@ -109,17 +119,143 @@ def parse_chat_response(data: Any) -> ChatReply:
                      completion_tokens=int(usage.get("completion_tokens") or 0))
 
 
+class StreamAccumulator:
+    """Folds the chunks of a streamed chat completion into the `ChatReply` the non-streaming body gives:
+    content and reasoning deltas concatenated, the last non-null finish_reason, the usage chunk."""
+
+    __slots__ = ("content", "reasoning", "finish", "usage", "done")
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.finish: Optional[str] = None
+        self.usage: dict = {}
+        self.done = False
+
+    def feed_line(self, line: bytes) -> None:
+        """One line of the SSE stream (blank lines, comments and other fields are ignored)."""
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            return
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = loads(data)
+        except JSONDecodeError as e:
+            raise RetryableError(f"malformed JSON in stream chunk ({len(data)} bytes): {e}") from None
+        self.feed(chunk)
+
+    def feed(self, chunk: Any) -> None:
+        if not isinstance(chunk, dict):
+            raise RetryableError(f"malformed stream chunk: a {type(chunk).__name__}")
+        if chunk.get("error") is not None or chunk.get("object") == "error":
+            # SGLang and vLLM report a failure after the headers as a data line with an error object.
+            err = chunk.get("error", chunk)
+            msg = err.get("message", err) if isinstance(err, dict) else err
+            code = err.get("code") if isinstance(err, dict) else None
+            status = code if isinstance(code, int) else None
+            text = f"error in stream{f' (HTTP {status})' if status else ''}: {str(msg)[:300]}"
+            if status is not None and 400 <= status < 500 and status not in (408, 429):
+                raise RequestError(text, status=status)
+            raise RetryableError(text, status=status)
+        if chunk.get("usage"):
+            if not isinstance(chunk["usage"], dict):
+                raise RetryableError("malformed stream chunk: usage is not an object")
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not choices:
+            return
+        try:
+            choice = choices[0]
+            delta = choice.get("delta") or {}
+            piece = delta.get("content")
+            thought = delta.get("reasoning_content") or delta.get("reasoning")  # SGLang / vLLM (old, new)
+            finish = choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise RetryableError(f"malformed stream chunk: {type(e).__name__}: {e}") from None
+        if piece is not None:
+            if not isinstance(piece, str):
+                raise RetryableError(f"malformed stream chunk: content is a {type(piece).__name__}")
+            self.content.append(piece)
+        if isinstance(thought, str):
+            self.reasoning.append(thought)
+        if finish:
+            self.finish = str(finish)
+
+    def reply(self) -> ChatReply:
+        if not self.done and self.finish is None:
+            raise RetryableError("stream ended before the answer finished (no finish_reason, no [DONE])",
+                                 connection_failed=True)
+        usage = self.usage
+        return ChatReply(content="".join(self.content), reasoning="".join(self.reasoning) or None,
+                         finish_reason=self.finish or "stop", prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                         completion_tokens=int(usage.get("completion_tokens") or 0))
+
+
+class _IdleWatch:
+    """Cancels the request's task once no byte has come for `limit` seconds while armed.
+
+    One timer per idle period (not per chunk): reading a chunk only stamps `last`.
+    """
+
+    __slots__ = ("loop", "task", "limit", "last", "armed", "handle", "fired")
+
+    def __init__(self, limit: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.limit = limit
+        self.last = self.loop.time()
+        self.armed = True
+        self.fired = False
+        self.handle: Optional[asyncio.TimerHandle] = self.loop.call_at(self.last + limit, self._check)
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+        self.last = self.loop.time()
+        if self.handle is None:
+            self.handle = self.loop.call_at(self.last + self.limit, self._check)
+
+    def _check(self) -> None:
+        self.handle = None
+        if not self.armed:
+            return
+        due = self.last + self.limit
+        if self.loop.time() >= due - 1e-3:
+            self.fired = True
+            if self.task is not None:
+                self.task.cancel()
+            return
+        self.handle = self.loop.call_at(due, self._check)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class ChatClient:
-    """One aiohttp session for all servers of a run. Use as `async with ChatClient(...) as c`."""
+    """One aiohttp session for all servers of a run. Use as `async with ChatClient(...) as c`.
+
+    `idle_timeout_s`: end a request that sent no byte for this long (see the module doc); 0 = off.
+    """
 
     def __init__(self, api_key: str | None = None, timeout_s: float = 600.0, connect_timeout_s: float = 10.0,
-                 max_connections: int = 0):
+                 max_connections: int = 0, idle_timeout_s: float = 0.0):
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.headers = {"Content-Type": "application/json"}
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self.probe_timeout = aiohttp.ClientTimeout(total=connect_timeout_s)
+        self.idle_timeout_s = idle_timeout_s
         self.max_connections = max_connections
         self.session: aiohttp.ClientSession | None = None
 
@@ -142,10 +278,28 @@ class ChatClient:
     async def chat(self, base_url: str, body: dict) -> ChatReply:
         assert self.session is not None, "use ChatClient as an async context manager"
         url = base_url + "/v1/chat/completions"
+        watch = _IdleWatch(self.idle_timeout_s) if self.idle_timeout_s > 0 else None
+        acc: Optional[StreamAccumulator] = None
         try:
             async with self.session.post(url, data=_dumps(body)) as resp:
-                raw = await resp.read()
                 status = resp.status
+                ctype = resp.headers.get("Content-Type", "")
+                if status != 200 or not ctype.startswith("text/event-stream"):
+                    if watch is not None:
+                        watch.disarm()  # the headers came; a JSON body follows at once
+                    raw = await resp.read()
+                else:
+                    if watch is not None:
+                        watch.disarm()  # queued or prefilling: no idle clock until the first chunk
+                    acc = StreamAccumulator()
+                    await _read_stream(resp.content, acc, watch)
+        except asyncio.CancelledError:
+            if watch is None or not watch.fired or _uncancel():
+                raise
+            if acc is not None and acc.done:
+                return acc.reply()  # [DONE] came, only the end of the body did not: the answer is whole
+            raise RetryableError(f"idle timeout: no byte from the server for {self.idle_timeout_s:g} s",
+                                 connection_failed=True) from None
         except asyncio.TimeoutError:
             raise RetryableError(f"timed out after {self.timeout.total:g} s", connection_failed=True) from None
         except aiohttp.ClientConnectorError as e:
@@ -155,6 +309,11 @@ class ChatClient:
             raise RetryableError(f"connection dropped: {type(e).__name__}: {e}", connection_failed=True) from None
         except aiohttp.ClientError as e:
             raise RetryableError(f"{type(e).__name__}: {e}", connection_failed=True) from None
+        finally:
+            if watch is not None:
+                watch.stop()
+        if acc is not None:
+            return acc.reply()
         if status != 200:
             detail = _error_detail(raw)
             if status >= 500 or status in (408, 429):
@@ -175,6 +334,46 @@ class ChatClient:
                 return resp.status, loads(raw) if raw else None
             except JSONDecodeError:
                 return resp.status, None
+
+
+async def _read_stream(content: aiohttp.StreamReader, acc: StreamAccumulator, watch: Optional[_IdleWatch]) -> None:
+    """Feed every SSE line of the body to `acc`, reading to the end of the body (so the connection is
+    reused). Reads whatever arrived rather than line by line: no line-length limit, few awaits."""
+    pending: list[bytes] = []
+    first = True
+    while True:
+        data = await content.readany()
+        if not data:
+            break
+        if watch is not None:
+            if first:
+                watch.arm()
+                first = False
+            else:
+                watch.touch()
+        if b"\n" not in data:
+            pending.append(data)
+            continue
+        if pending:
+            pending.append(data)
+            data = b"".join(pending)
+            pending = []
+        *lines, rest = data.split(b"\n")
+        for line in lines:
+            acc.feed_line(line)
+        if rest:
+            pending.append(rest)
+    if pending:
+        acc.feed_line(b"".join(pending))
+
+
+def _uncancel() -> bool:
+    """Take back the cancel the idle watch sent; True when another cancel (a stopping job) is pending
+    too, so the caller re-raises. Python 3.10 does not count cancels: nothing to take back there."""
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):
+        return task.uncancel() > 0
+    return False
 
 
 def _error_detail(raw: bytes) -> str:

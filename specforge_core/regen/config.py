@@ -1,7 +1,8 @@
 """The regeneration job's config: one schema for `specforge-wb regenerate`, the GUI form and run files.
 
 Output naming: `output` is the JSONL of regenerated rows (e.g. `out.jsonl`); failures go beside it
-in `out.errors.jsonl`. With `num_samples > 1` every input row yields samples `<id>#0 .. <id>#N-1`,
+in `out.errors.jsonl`, the run's config in `out.run.json` (checked on `--resume`, see `runinfo.py`)
+and the lock of the running job in `out.lock` (see `specforge_core.locks`). With `num_samples > 1` every input row yields samples `<id>#0 .. <id>#N-1`,
 each regenerated independently (sampling with temperature > 0 makes them differ) and each keyed by
 that id for resume.
 """
@@ -25,6 +26,9 @@ class RegenConfig(JobConfig):
     resume: bool = Field(False, description="continue an earlier run: skip every id already in the output or errors file")
     overwrite: bool = Field(False, description="start over, truncating an existing output and errors file")
     retry_errors: bool = Field(False, description="with --resume: take the ids in the errors file out of it and try them again")
+    force: bool = Field(False, description="with --resume: continue even though the earlier run (out.run.json) "
+                        "used other output-changing settings (model, sampling, num_samples, input, ...); "
+                        "the output then mixes both")
     max_rows: Optional[int] = Field(None, ge=1, description="read at most this many input rows")
     max_row_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="input rows larger than this are skipped")
 
@@ -37,12 +41,18 @@ class RegenConfig(JobConfig):
     model: Optional[str] = Field(None, description="model name sent to the servers (default: the first one "
                                  "the first server lists at /v1/models)")
     concurrency: int = Field(64, ge=1, description="requests in flight per server")
-    timeout_s: float = Field(600.0, gt=0, description="timeout of one request, in seconds")
+    timeout_s: float = Field(600.0, gt=0, description="timeout of one whole request, in seconds (long answers "
+                             "need minutes)")
+    idle_timeout_s: float = Field(60.0, ge=0, description="retry a request that sent no byte for this many "
+                                  "seconds (hung server, stalled stream); not counted while the server queues "
+                                  "it before its first token; 0 = off")
     connect_timeout_s: float = Field(10.0, gt=0, description="timeout to open a connection / answer a health probe")
     max_retries: int = Field(3, ge=0, description="retries of one request after a 5xx, 429, reset, timeout or bad JSON")
     retry_backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each attempt (with jitter, max 30 s)")
     retire_after: int = Field(3, ge=1, description="consecutive failures after which a server is health-probed "
                               "and retired if the probe fails")
+    reprobe_s: float = Field(30.0, ge=0, description="health-probe retired servers this often (seconds); one that "
+                             "answers (restarted, finished loading) rejoins the pool; 0 = never")
 
     local_model: str = Field("default", description="local backend: model (`default` = SmolLM2-135M-Instruct, "
                              "a local HF directory, or a hub id)")
@@ -72,6 +82,8 @@ class RegenConfig(JobConfig):
             raise ValueError("--resume and --overwrite contradict each other: pick one")
         if self.retry_errors and not self.resume:
             raise ValueError("--retry-errors only makes sense with --resume")
+        if self.force and not self.resume:
+            raise ValueError("--force only makes sense with --resume (it accepts a changed config)")
         return self
 
     @property
@@ -79,9 +91,24 @@ class RegenConfig(JobConfig):
         return errors_path_for(self.output)
 
 
-def errors_path_for(output: str | Path) -> Path:
-    """`out.jsonl` -> `out.errors.jsonl` (any other name just gets `.errors.jsonl` appended)."""
+    @property
+    def run_json_path(self) -> Path:
+        return sidecar_path(self.output, ".run.json")
+
+    @property
+    def lock_path(self) -> Path:
+        return sidecar_path(self.output, ".lock")
+
+
+def sidecar_path(output: str | Path, suffix: str) -> Path:
+    """A file beside the output, keyed by its name: `out.jsonl` -> `out<suffix>` (any other name just
+    gets the suffix appended), so several outputs can share a folder."""
     p = Path(output)
     if p.suffix == ".jsonl":
-        return p.with_name(p.name[: -len(".jsonl")] + ".errors.jsonl")
-    return p.with_name(p.name + ".errors.jsonl")
+        return p.with_name(p.name[: -len(".jsonl")] + suffix)
+    return p.with_name(p.name + suffix)
+
+
+def errors_path_for(output: str | Path) -> Path:
+    """`out.jsonl` -> `out.errors.jsonl` (any other name just gets `.errors.jsonl` appended)."""
+    return sidecar_path(output, ".errors.jsonl")

@@ -10,6 +10,10 @@ are kept; the old assistant turns are dropped and regenerated in order, each new
 context for the next. Rows are written as they finish (completion order, not input order).
 Resume (`--resume`) repairs a torn last line and skips every id already in either file, so after a
 SIGKILL at any moment the union of both files ends up holding every input id exactly once.
+Two guards keep it so: the run holds an exclusive lock on `out.lock` for its whole life (a second
+run on the same output is refused at once, naming the pid that writes), and `out.run.json` records
+the config, so a resume that would make rows differently (another model, sampling, num_samples,
+input) is refused unless `--force` (see `runinfo.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any, Iterator, Optional
 
 from ..config import ConfigError
 from ..events import Events, JobCancelled
+from ..locks import OutputBusy, output_lock
+from . import runinfo
 from .client import (ChatClient, SamplingParams, answer_turn, assemble, build_messages, plan_turns)
 from .config import RegenConfig
 from .servers import AllServersDown, SampleFailed, ServerPool
@@ -65,7 +71,37 @@ class RunStats:
 # ------------------------------------------------------------------------------------------------
 # Files and input
 # ------------------------------------------------------------------------------------------------
-def _prepare_outputs(cfg: RegenConfig, events: Events) -> dict[str, str]:
+class _Record:
+    """The run's `out.run.json`: the earlier run's record (on resume), checked and then rewritten."""
+
+    def __init__(self, cfg: RegenConfig, events: Events):
+        self.cfg, self.events = cfg, events
+        self.path = cfg.run_json_path
+        self.old: Optional[dict] = None
+        self.forced: list = []
+
+    def load(self, has_rows: bool) -> None:
+        """On resume of an output that holds rows: refuse a config that would make them differently."""
+        self.old = runinfo.read(self.path)
+        if self.old is None:
+            if has_rows:
+                self.events.warning(f"{self.path} is missing (output of an older version?): cannot check that "
+                                    "this resume uses the same model and sampling as the rows already written")
+            return
+        self.forced = runinfo.check(self.path, self.old, self.cfg, self.cfg.model)
+
+    def commit(self, model: Optional[str]) -> None:
+        """Once the served model is known: check it against the earlier run's, then write the record."""
+        forced = self.forced
+        if self.old is not None:
+            forced = runinfo.check(self.path, self.old, self.cfg, model)
+        if forced:
+            self.events.warning("--force: resuming with other output-changing settings than the earlier run: "
+                                + ", ".join(f"{n} {o!r} -> {v!r}" for n, o, v in forced), forced=[n for n, _, _ in forced])
+        runinfo.write(self.path, runinfo.record(self.cfg, model, self.old, forced))
+
+
+def _prepare_outputs(cfg: RegenConfig, events: Events, rec: _Record) -> dict[str, str]:
     out, err = Path(cfg.output), cfg.errors_path
     existing = [p for p in (out, err) if p.exists() and p.stat().st_size > 0]
     if existing and not (cfg.resume or cfg.overwrite):
@@ -73,12 +109,13 @@ def _prepare_outputs(cfg: RegenConfig, events: Events) -> dict[str, str]:
                           "or --overwrite to start over")
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:
-        for p in (out, err):
+        for p in (out, err, rec.path):
             if p.exists():
                 p.unlink()
         return {}
     if not cfg.resume:
         return {}
+    rec.load(has_rows=bool(existing))
     for p in (out, err):
         cut = repair_tail(p)
         if cut:
@@ -198,11 +235,13 @@ def _plan(u: Unit, cfg: RegenConfig, sink: _Sink) -> Optional[tuple[list[dict], 
 # ------------------------------------------------------------------------------------------------
 # Server backend
 # ------------------------------------------------------------------------------------------------
-async def _run_server(cfg: RegenConfig, events: Events, units: Iterator[Unit], sink: _Sink) -> None:
+async def _run_server(cfg: RegenConfig, events: Events, units: Iterator[Unit], sink: _Sink, rec: _Record) -> None:
     st = sink.st
     rng = random.Random(cfg.seed)
-    async with ChatClient(cfg.api_key, cfg.timeout_s, cfg.connect_timeout_s) as client:
-        pool = ServerPool(client, cfg.server_address or [], cfg.concurrency, cfg.retire_after, events)
+    async with ChatClient(cfg.api_key, cfg.timeout_s, cfg.connect_timeout_s,
+                          idle_timeout_s=cfg.idle_timeout_s) as client:
+        pool = ServerPool(client, cfg.server_address or [], cfg.concurrency, cfg.retire_after, events,
+                          reprobe_s=cfg.reprobe_s)
         try:
             alive = await pool.probe_all()
             model = cfg.model
@@ -211,7 +250,8 @@ async def _run_server(cfg: RegenConfig, events: Events, units: Iterator[Unit], s
                 model = listed[0]
             elif model is not None and listed and model not in listed:
                 events.warning(f"model {model!r} is not among those the servers list ({sorted(set(listed))})")
-            st.model = model
+            st.model = pool.model = model
+            rec.commit(model)  # before any request: a resume against another model stops here
             events.emit("servers", alive=[s.address for s in alive], model=model,
                         retired=[s.address for s in pool.servers if not s.alive])
             params = SamplingParams(model=model, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -382,11 +422,28 @@ def _local_window(units: list[Unit], cfg: RegenConfig, events: Events, gen, sink
 # The engine function
 # ------------------------------------------------------------------------------------------------
 def regenerate(cfg: RegenConfig, events: Events) -> dict:
-    """Regenerate the assistant turns of `cfg.input` into `cfg.output`; returns the run summary."""
-    from ..data.readers import SkipReport, expand_paths
+    """Regenerate the assistant turns of `cfg.input` into `cfg.output`; returns the run summary.
+
+    Holds the output's lock for the whole run; raises ConfigError at once if another run holds it."""
+    from ..data.readers import expand_paths
 
     expand_paths(cfg.input)  # missing inputs fail before any output file is touched
-    done = _prepare_outputs(cfg, events)
+    lock = output_lock(cfg.output, "regeneration", lock_file=cfg.lock_path)
+    try:
+        lock.__enter__()
+    except OutputBusy as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return _regenerate_locked(cfg, events)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _regenerate_locked(cfg: RegenConfig, events: Events) -> dict:
+    from ..data.readers import SkipReport
+
+    rec = _Record(cfg, events)
+    done = _prepare_outputs(cfg, events, rec)
     est = _estimate_rows(cfg)
     total = None if est is None else max(0, est * cfg.num_samples - len(done))
     st = RunStats()
@@ -400,10 +457,11 @@ def regenerate(cfg: RegenConfig, events: Events) -> dict:
     cancelled = False
     try:
         if cfg.backend == "server":
-            run_sync(_run_server(cfg, events, units, sink))
+            run_sync(_run_server(cfg, events, units, sink, rec))
             model = st.model
             cancelled = events.cancelled and st.fatal is None
         else:
+            rec.commit(cfg.local_model)
             model = _run_local(cfg, events, units, sink)
         if not cancelled and st.fatal is None:
             sink.total = st.finished  # the estimate counted lines; now the real number is known

@@ -5,9 +5,11 @@ stall or fail the run: its requests move to the others. Each server has its own 
 a request goes to the server with the lowest load (in flight / cap), preferring the one the sample
 used for its previous turn (its prefix is in that server's radix / prefix cache). After
 `retire_after` consecutive retryable failures a server is taken out of dispatch and health-probed;
-if the probe fails it is retired for the rest of the run, else it comes back (a server that
-answers 500s but whose /health is fine is overloaded, not dead). When every server is retired,
-`AllServersDown` says which died of what.
+if the probe fails it is retired, else it comes back (a server that answers 500s but whose /health
+is fine is overloaded, not dead). Retired servers (those dead at start included) are probed again
+every `reprobe_s`: one that answers (restarted, done loading its weights) rejoins the pool, unless
+it now serves another model than the run's. When every server is retired at once, `AllServersDown`
+says which died of what and the run stops (its rows are kept for `--resume`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Server:
     ok: int = 0
     failures: int = 0
     retired_reason: Optional[str] = None
+    rejoined: int = 0
     models: list[str] = field(default_factory=list)
 
     @property
@@ -58,12 +61,12 @@ class Server:
 
     def stats(self) -> dict:
         return {"address": self.address, "alive": self.alive, "requests": self.requests, "ok": self.ok,
-                "failures": self.failures, "retired_reason": self.retired_reason}
+                "failures": self.failures, "retired_reason": self.retired_reason, "rejoined": self.rejoined}
 
 
 class ServerPool:
     def __init__(self, client: ChatClient, addresses: list[str], concurrency: int, retire_after: int = 3,
-                 events: Any = None):
+                 events: Any = None, reprobe_s: float = 0.0):
         seen: dict[str, Server] = {}
         for a in addresses:
             addr = normalize_address(a)
@@ -72,8 +75,11 @@ class ServerPool:
         self.client = client
         self.retire_after = retire_after
         self.events = events
+        self.reprobe_s = reprobe_s
+        self.model: Optional[str] = None  # the run's model, once known: a rejoining server must serve it
         self._waiters: deque[asyncio.Future] = deque()
         self._checks: set[asyncio.Task] = set()
+        self._reprober: Optional[asyncio.Task] = None
 
     # -- health --------------------------------------------------------------------------------
     async def probe(self, server: Server) -> tuple[bool, str]:
@@ -109,7 +115,33 @@ class ServerPool:
         alive = [s for s in self.servers if s.alive]
         if not alive:
             raise AllServersDown(self.describe_dead("no server answered the health probe"))
+        if self.reprobe_s > 0 and self._reprober is None:
+            self._reprober = asyncio.get_running_loop().create_task(self._reprobe_loop())
         return alive
+
+    async def _reprobe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reprobe_s)
+            retired = [s for s in self.servers if not s.alive]
+            if retired:
+                await asyncio.gather(*(self._reprobe(s) for s in retired))
+
+    async def _reprobe(self, server: Server) -> None:
+        ok, _ = await self.probe(server)
+        if not ok or server.alive:
+            return
+        if self.model and server.models and self.model not in server.models:
+            server.retired_reason = (f"came back serving {server.models}, not the run's model {self.model!r}; "
+                                     "kept out")
+            return
+        was = server.retired_reason
+        server.alive, server.suspect, server.consecutive_failures = True, False, 0
+        server.retired_reason = None
+        server.rejoined += 1
+        if self.events is not None:
+            self.events.emit("server_rejoined", server=server.address, was=was,
+                             servers_alive=sum(s.alive for s in self.servers))
+        self._wake(all_=True)
 
     def retire(self, server: Server, reason: str) -> None:
         if not server.alive:
@@ -201,6 +233,10 @@ class ServerPool:
                                 f"failed: {detail}")
 
     async def close(self) -> None:
+        if self._reprober is not None:
+            self._reprober.cancel()
+            await asyncio.gather(self._reprober, return_exceptions=True)
+            self._reprober = None
         for t in list(self._checks):
             t.cancel()
         if self._checks:

@@ -3,8 +3,14 @@
 It speaks enough of `/v1/chat/completions`, `/v1/models` and `/health` for the regeneration client,
 answers either with scripted text (a deterministic function of the whole message list, so a test
 can check exactly which context each turn was given) or with a small HF model, and injects faults:
-slow replies, HTTP 500s, dropped connections, malformed JSON, and death after N requests (the
-process exits, or in-thread the listener closes and every connection is cut).
+slow replies, HTTP 500s, dropped connections, malformed JSON, hung requests (accepted, never
+answered), streams that stall after their first chunk, and death after N requests (the process
+exits, or in-thread the listener closes and every connection is cut).
+
+`stream: true` is answered like SGLang and vLLM do: headers at once, then `data:` chunks (role,
+reasoning, one per word of the answer, the finish_reason, the usage when `stream_options.
+include_usage`) and `data: [DONE]`. In streaming mode the delay falls between the headers and the
+first chunk, where a real server queues and prefills.
 
     python -m specforge_core.regen.testserver --port 30000 --fail-rate 0.1 --drop-rate 0.05
 
@@ -52,6 +58,8 @@ class Faults:
     drop_rate: float = 0.0          # connection cut without a response
     malformed_rate: float = 0.0     # 200 with a body that is not JSON
     die_after: Optional[int] = None  # after this many chat requests the server dies
+    hang_rate: float = 0.0          # request read, then never answered (no headers, socket kept open)
+    stall_rate: float = 0.0         # streaming: the first chunk is sent, then nothing more
     seed: int = 0
 
 
@@ -85,6 +93,7 @@ class OpenAITestServer:
         self.rng = random.Random(self.faults.seed)
         self.stats = Stats()
         self.dead = False
+        self._release: Optional[asyncio.Event] = None  # set on stop: hung handlers return
         self.generator = None
         self._gen_lock = threading.Lock()
         if model_dir:
@@ -130,8 +139,19 @@ class OpenAITestServer:
             _abort(request)
             return web.Response(status=503)
         raw = await request.read()
-        if f.delay_s or f.delay_jitter_s:
-            await asyncio.sleep(f.delay_s + self.rng.random() * f.delay_jitter_s)
+        if f.hang_rate and self.rng.random() < f.hang_rate:
+            self.stats.count("hung")
+            await self._hang()
+            _abort(request)
+            return web.Response(status=503)
+        stall = bool(f.stall_rate) and self.rng.random() < f.stall_rate
+        try:
+            streaming = bool(_loads(raw).get("stream"))
+        except Exception:  # noqa: BLE001 - a bad body is answered 400 below
+            streaming = False
+        delay = f.delay_s + self.rng.random() * f.delay_jitter_s if (f.delay_s or f.delay_jitter_s) else 0.0
+        if delay and not streaming:
+            await asyncio.sleep(delay)
         if f.drop_rate and self.rng.random() < f.drop_rate:
             self.stats.count("dropped")
             _abort(request)
@@ -182,12 +202,60 @@ class OpenAITestServer:
                 message["reasoning_content"] = thought
             else:
                 message["content"] = f"<think>{thought}</think>\n\n{text}"
+        usage = {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}
+        if streaming:
+            with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await self._stream(request, message, finish, usage if with_usage else None, delay, stall)
         self.stats.count("ok")
         out = {"id": f"chatcmpl-{self.stats.requests}", "object": "chat.completion", "created": int(time.time()),
                "model": self.model_name,
                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-               "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}}
+               "usage": usage}
         return web.Response(body=_dumps(out), content_type="application/json")
+
+    async def _stream(self, request: web.Request, message: dict, finish: str, usage: Optional[dict],
+                      delay: float, stall: bool) -> web.StreamResponse:
+        """The reply as server-sent events, chunked the way SGLang and vLLM chunk it."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        if delay:
+            await asyncio.sleep(delay)
+        head = {"id": f"chatcmpl-{self.stats.requests}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self.model_name}
+
+        def chunk(delta: dict, fin: Optional[str] = None) -> bytes:
+            return b"data: " + _dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": fin}]}) \
+                + b"\n\n"
+
+        parts = [chunk({"role": "assistant", "content": ""})]
+        if message.get("reasoning_content"):
+            parts.append(chunk({"reasoning_content": message["reasoning_content"]}))
+        words = message["content"].split(" ")
+        parts += [chunk({"content": w if i == 0 else " " + w}) for i, w in enumerate(words)]
+        parts.append(chunk({}, finish))
+        if usage is not None:
+            parts.append(b"data: " + _dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+        parts.append(b"data: [DONE]\n\n")
+        if stall:
+            self.stats.count("stalled")
+            await resp.write(parts[0])
+            await self._hang()
+            _abort(request)
+            return resp
+        self.stats.count("ok")
+        # A few writes rather than one per chunk: the client must reassemble lines split anywhere.
+        blob = b"".join(parts)
+        cut = len(blob) // 2
+        await resp.write(blob[:cut])
+        await resp.write(blob[cut:])
+        await resp.write_eof()
+        return resp
+
+    async def _hang(self) -> None:
+        """Wait until the server stops (a hung request keeps its socket open and sends nothing)."""
+        if self._release is None:
+            self._release = asyncio.Event()
+        await self._release.wait()
 
     def _generate(self, messages, max_tokens, temperature, top_p, stop):
         with self._gen_lock:
@@ -226,6 +294,8 @@ class OpenAITestServer:
                     tr.abort()
 
     async def stop(self) -> None:
+        if self._release is not None:
+            self._release.set()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -250,8 +320,8 @@ class ServerThread(_LoopThread):
 
     what = "test server"
 
-    def __init__(self, **kw: Any):
-        super().__init__(OpenAITestServer(**kw))
+    def __init__(self, port: int = 0, **kw: Any):
+        super().__init__(OpenAITestServer(**kw), port=port)
 
     @property
     def address(self) -> str:
@@ -278,10 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop-rate", type=float, default=0.0, help="fraction of connections cut without a reply")
     ap.add_argument("--malformed-rate", type=float, default=0.0, help="fraction answered with broken JSON")
     ap.add_argument("--die-after", type=int, default=None, help="exit after this many chat requests")
+    ap.add_argument("--hang-rate", type=float, default=0.0, help="fraction of requests accepted and never answered")
+    ap.add_argument("--stall-rate", type=float, default=0.0, help="fraction of streams that stop after one chunk")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     faults = Faults(delay_s=a.delay, delay_jitter_s=a.delay_jitter, fail_rate=a.fail_rate, drop_rate=a.drop_rate,
-                    malformed_rate=a.malformed_rate, die_after=a.die_after, seed=a.seed)
+                    malformed_rate=a.malformed_rate, die_after=a.die_after, hang_rate=a.hang_rate,
+                    stall_rate=a.stall_rate, seed=a.seed)
     srv = OpenAITestServer(model_name=a.model_name, faults=faults, reasoning=a.reasoning, api_key=a.api_key,
                            model_dir=a.model_dir, exit_on_die=True)
 
