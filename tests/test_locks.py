@@ -80,3 +80,26 @@ def test_one_process_cannot_take_it_twice_and_release_on_error(tmp_path):
             raise ValueError("boom")
     with output_lock(target, lock_file=tmp_path / "out.lock"):
         pass
+
+
+@pytest.mark.unit
+def test_training_and_dump_refuse_an_output_another_run_holds(tmp_path):
+    # The run dir's lock and the store's lock are the same helper's: a held one stops the job at once,
+    # before any model is loaded, naming the holder.
+    from specforge_core.config import ConfigError
+    from specforge_core.events import null_events
+    from specforge_core.locks import output_lock
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
+    from specforge_core.training.config import TrainConfig
+    from specforge_core.training.trainer import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with output_lock(run, "training", lock_file=run / "run.lock"):
+        with pytest.raises(ConfigError, match=str(os.getpid())):
+            train(TrainConfig(train_data=["x.jsonl"], output_dir=str(run)), null_events())
+    store = tmp_path / "hs"
+    with output_lock(store, "hidden-state dump"):
+        with pytest.raises(ConfigError, match=str(os.getpid())):
+            dump_hidden_states(DumpConfig(train_data=["x.jsonl"], output=str(store)), null_events())

@@ -31,8 +31,9 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field
 
-from ..config import BuildCacheConfig, JobConfig, read_run_json, write_run_json
+from ..config import BuildCacheConfig, ConfigError, JobConfig, read_run_json, write_run_json
 from ..events import Events, JobCancelled
+from ..locks import OutputBusy, output_lock
 from .store import (STORE_FORMAT, STORE_KIND, StoreError, StoreWriter, bytes_per_token, estimate_bytes,
                     human_bytes, specforge_bytes_per_token, target_identity, teacher_positions, topk_rows)
 
@@ -189,6 +190,22 @@ def _check_existing(out: Path, identity: dict, key: str, fmt: str, layer_ids: li
 # The job
 # ------------------------------------------------------------------------------------------------
 def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
+    """The dump job; one writer per store (`<store>.lock` beside it), an estimate needs no lock."""
+    if cfg.estimate:
+        return _dump(cfg, events)
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = output_lock(cfg.output, "hidden-state dump")
+        lock.__enter__()
+    except OutputBusy as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return _dump(cfg, events)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _dump(cfg: DumpConfig, events: Events) -> dict:
     from ..models.eagle3 import servable_layer_problems
     from ..models.target import default_layer_ids, validate_layer_ids
 

@@ -22,9 +22,10 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import BuildCacheConfig, write_run_json
+from ..config import BuildCacheConfig, ConfigError, write_run_json
 from ..data.batches import Batch
 from ..events import Events, JobCancelled
+from ..locks import OutputBusy, output_lock
 from .batches import EpochBatches
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
@@ -416,10 +417,26 @@ def evaluate(run: Run, state: TrainState) -> dict | None:
 def train(cfg: TrainConfig, events: Events) -> dict:
     t_start = time.time()
     info = init_distributed(cfg.device)
+    run_dir = Path(cfg.output_dir)
+    if not info.is_main:
+        return _train(cfg, events, info, t_start)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One writer per run dir (rank 0 writes for all): a second `train` on it stops here, naming the first.
+    try:
+        lock = output_lock(run_dir, "training", lock_file=run_dir / "run.lock")
+        lock.__enter__()
+    except OutputBusy as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return _train(cfg, events, info, t_start)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> dict:
     torch.manual_seed(cfg.seed)  # before anything random: the draft's initial weights
     run_dir = Path(cfg.output_dir)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = run_dir / "checkpoints"
         if not cfg.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
             raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, "
