@@ -385,6 +385,19 @@ def test_app_builds_with_every_tab(ws):
     assert {"train-launch", "train-loss-plot", "jobs-table", "jobs-cancel", "data-run", "regen-launch"} <= ids
 
 
+def test_elem_ids_are_unique(ws):
+    """A button must not take the id of a form field (`<prefix>-<field>`): the page (and every test that
+    clicks `#id`) would get two elements, e.g. the Regenerate tab's Resume button and its `resume` field."""
+    from collections import Counter
+
+    from workbench.app import build_app
+
+    app = build_app(ws)
+    ids = Counter(b.elem_id for b in app.blocks.values() if getattr(b, "elem_id", None))
+    assert [i for i, n in ids.items() if n > 1] == []
+    assert {"bench-mode", "bench-eval-draft", "data-upload", "data-sample-note", "regen-resume-job"} <= set(ids)
+
+
 # ------------------------------------------------------------------------------------------------
 # Issue 16: a fresh workspace, uploads, the in-process benchmark, the Train form after a reload
 # ------------------------------------------------------------------------------------------------

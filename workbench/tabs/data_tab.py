@@ -284,7 +284,7 @@ def build(ctx) -> dict:
         with gr.Column(scale=1, min_width=320):
             c["upload"] = gr.File(label=f"Upload JSONL / JSON / Parquet (saved in {UPLOAD_DIR}/, at most "
                                         f"{UPLOAD_MAX_BYTES >> 20} MiB each)", file_count="multiple",
-                                  file_types=list(UPLOAD_SUFFIXES), elem_id="data-upload", height=120)
+                                  file_types=list(UPLOAD_SUFFIXES), elem_id="data-upload", height=150)
             c["upload_msg"] = gr.HTML(elem_id="data-upload-message")
             c["source"] = gr.Radio([SOURCE_FILE, SOURCE_PRESET], value=SOURCE_FILE, label="Source",
                                    elem_id="data-source")
@@ -353,9 +353,12 @@ def build(ctx) -> dict:
     def on_upload(files):
         msg, saved = upload_files(ws, files)
         files_now = data_files(ws)
-        pick = gr.update(choices=files_now, value=saved) if saved else gr.update(choices=files_now)
+
+        def pick():  # one update per dropdown: Gradio consumes an update dict as it applies it
+            return gr.update(choices=files_now, value=saved) if saved else gr.update(choices=files_now)
+
         # The upload box empties itself: the files now live in the workspace, listed in both dropdowns.
-        return msg, None, pick, pick, gr.update(value=SOURCE_FILE) if saved else gr.update()
+        return msg, None, pick(), pick(), gr.update(value=SOURCE_FILE) if saved else gr.update()
 
     c["upload"].upload(on_upload, inputs=c["upload"],
                        outputs=[c["upload_msg"], c["upload"], c["file"], c["view_file"], c["source"]])
