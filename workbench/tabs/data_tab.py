@@ -80,7 +80,7 @@ def upload_files(workspace: str | Path, files: Any) -> tuple[str, Optional[str]]
             errors.append(str(e))
     msg = "".join(render_message(e, ok=False) for e in errors)
     if saved:
-        msg = render_message("saved " + ", ".join(saved) + " in the workspace: pick it below to preview it or "
+        msg = render_message("saved " + ", ".join(saved) + " in the workspace (selected below): preview it or "
                              "run prepare-data on it") + msg
     if not saved and not errors:
         msg = render_message("no file received", ok=False)
