@@ -383,3 +383,159 @@ def test_app_builds_with_every_tab(ws):
     assert ".job-badge" in load_css() and ".tok.trained" in load_css()
     ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
     assert {"train-launch", "train-loss-plot", "jobs-table", "jobs-cancel", "data-run", "regen-launch"} <= ids
+
+
+def test_elem_ids_are_unique(ws):
+    """A button must not take the id of a form field (`<prefix>-<field>`): the page (and every test that
+    clicks `#id`) would get two elements, e.g. the Regenerate tab's Resume button and its `resume` field."""
+    from collections import Counter
+
+    from workbench.app import build_app
+
+    app = build_app(ws)
+    ids = Counter(b.elem_id for b in app.blocks.values() if getattr(b, "elem_id", None))
+    assert [i for i, n in ids.items() if n > 1] == []
+    assert {"bench-mode", "bench-eval-draft", "data-upload", "data-sample-note", "regen-resume-job"} <= set(ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 16: a fresh workspace, uploads, the in-process benchmark, the Train form after a reload
+# ------------------------------------------------------------------------------------------------
+def test_fresh_workspace_gets_the_sample_and_the_tabs_point_at_it(tmp_path):
+    from workbench import common
+    from workbench.app import build_app
+    from workbench.tabs import bench_tab as bt
+    from workbench.tabs import data_tab as dt
+    from workbench.tabs import train_tab as tt
+
+    fresh = tmp_path / "fresh"
+    build_app(fresh)
+    sample = fresh / common.SAMPLE_DATA
+    # the shipped copy is the notebooks' sample, byte for byte
+    repo = Path(__file__).resolve().parent.parent
+    assert sample.read_bytes() == (repo / "notebooks" / "assets" / "sample_sharegpt.jsonl").read_bytes()
+    assert dt.data_files(fresh) == [common.SAMPLE_DATA]
+    assert common.SAMPLE_DATA in dt.sample_note(fresh) and "prepare-data" in dt.sample_note(fresh)
+    rows = dt.preview_rows(fresh, common.SAMPLE_DATA)
+    assert len(rows) == 20
+    # Train trains on what prepare-data writes from it; Benchmark prompts from it, on the Train tab's run
+    train = tt.workspace_form(fresh)
+    assert train.default(next(s for s in tt.flat_specs() if s.name == "train_data")) == [common.SAMPLE_TRAIN]
+    ev = bt.workspace_eval_form(fresh)
+    by = {s.name: ev.default(s) for s in bt.eval_specs()}
+    assert by["prompts"] == common.SAMPLE_DATA and by["draft"] == tt.gui_default(
+        next(s for s in tt.flat_specs() if s.name == "output_dir")) and by["target"] == "default"
+    assert bt.default_mode() == bt.MODE_INPROCESS  # no sglang in this environment
+
+    # a workspace with data of its own, or with jobs, is left alone
+    mine = tmp_path / "mine"
+    _write_jsonl(mine / "data" / "x.jsonl", [CONV])
+    assert common.seed_workspace(mine) is None and not (mine / common.SAMPLE_DATA).exists()
+    (tmp_path / "used" / "jobs").mkdir(parents=True)
+    assert common.seed_workspace(tmp_path / "used") is None
+    assert dt.sample_note(mine) == "" and tt.workspace_form(mine) is tt.FORM
+
+
+def test_upload_lands_in_the_workspace_under_a_safe_name(ws, tmp_path):
+    from workbench import common
+    from workbench.security import SecurityError, safe_file_name
+    from workbench.tabs import data_tab as dt
+
+    src = _write_jsonl(tmp_path / "incoming" / "x.jsonl", [CONV])
+    assert safe_file_name("../../etc/My Data (v2).jsonl") == "My_Data_v2_.jsonl"
+    assert safe_file_name("..\\..\\.hidden.jsonl") == "hidden.jsonl"
+    assert safe_file_name("ünï.jsonl") == "uni.jsonl"
+    with pytest.raises(SecurityError):
+        safe_file_name("../..")
+
+    assert common.save_upload(ws, src, "../../evil name.jsonl") == "uploads/evil_name.jsonl"
+    # never replaces a file: the second one gets a number
+    assert common.save_upload(ws, src, "evil name.jsonl") == "uploads/evil_name-1.jsonl"
+    assert (ws / "uploads" / "evil_name.jsonl").read_text() == src.read_text()
+    with pytest.raises(common.InputError, match="upload limit"):
+        common.save_upload(ws, src, "big.jsonl", max_bytes=10)
+    with pytest.raises(common.InputError, match=r"\.jsonl, \.json or \.parquet"):
+        common.save_upload(ws, src, "x.sh")
+    # a symlinked uploads/ that points out of the workspace is refused by the jail
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    ws2 = tmp_path / "ws2"
+    ws2.mkdir()
+    (ws2 / "uploads").symlink_to(other)
+    with pytest.raises(common.InputError, match="outside the workspace"):
+        common.save_upload(ws2, src)
+    assert not list(other.iterdir())
+
+    # the Data tab's handler: several files at once, errors and successes each said
+    msg, last = dt.upload_files(ws, [str(src), str(tmp_path / "incoming" / "missing.jsonl")])
+    assert last == "uploads/x.jsonl" and "saved uploads/x.jsonl" in msg and "mask-error" in msg
+    assert "uploads/x.jsonl" in dt.data_files(ws)
+    assert list(dt.preview_rows(ws, last)["id"]) == ["r1"]
+    assert "no file received" in dt.upload_files(ws, None)[0]
+
+
+def test_benchmark_in_process_mode_config_and_results(ws):
+    from workbench.forms import FormError
+    from workbench.tabs import bench_tab as bt
+
+    # The evaluate job's results JSON (its own shape) in the same table and charts as bench's.
+    res = {"kind": "evaluate", "finished": True, "device": "cpu", "dtype": "float32", "prompts": 3,
+           "config": {"prompts": str(ws / "data" / "p.jsonl")},
+           "baseline": {"config": "baseline", "prompts": 3, "tokens_per_s": 40.0, "wall_s": 1.5,
+                        "acceptance_length": None, "acceptance_length_per_request_mean": None},
+           "results": [{"config": "1,3,1,4", "prompts": 3, "tokens_per_s": 80.0, "wall_s": 0.75, "speedup": 2.0,
+                        "acceptance_length": 2.4, "acceptance_length_per_request_mean": 2.5,
+                        "mismatches_vs_baseline": 0}]}
+    (ws / "bench").mkdir()
+    (ws / "bench" / "evaluate.json").write_text(json.dumps(res))
+    card, md, df, acc, spd, live = bt.poll_bench(ws, None, "bench/evaluate.json")
+    assert list(df["config"]) == ["1,0,0,0", "1,3,1,4"] and list(df["benchmark"]) == ["p.jsonl"] * 2
+    assert list(df["accept len (pooled)"]) == [1.0, 2.4] and list(df["speedup"]) == [1.0, 2.0]
+    assert list(df["output tok/s"]) == [40.0, 80.0] and list(df["status"]) == ["ok", "ok"]
+    assert list(acc.data[0].y) == [1.0, 2.4] and list(spd.data[0].y) == [1.0, 2.0]
+    assert "**done** · in-process · 2 run(s)" in md and "cpu" in md and "pooled" in md
+
+    specs = bt.eval_specs()
+    vals = {s.name: s.to_widget(bt.EVAL_FORM.default(s)) for s in specs}
+    vals["prompts"] = "data/p.jsonl"
+    # the draft must exist (train first), like the prompts
+    with pytest.raises(FormError) as e:
+        bt.evaluate_config(ws, [vals[s.name] for s in specs])
+    assert set(e.value.errors) == {"draft", "prompts"} and "no such file" in e.value.errors["draft"]
+    _write_jsonl(ws / "data" / "p.jsonl", [CONV])
+    (ws / "runs" / "eagle3").mkdir(parents=True)
+    cfg = bt.evaluate_config(ws, [vals[s.name] for s in specs])
+    assert cfg.target == "default" and cfg.draft == str((ws / "runs" / "eagle3").resolve())
+    assert cfg.output == str((ws / "bench" / "evaluate.json").resolve()) and cfg.max_prompts == 8
+    vals["output"] = "../out.json"
+    msg, jid = bt.launch_benchmark(ws, bt.MODE_INPROCESS, *[None] * len(bt.flat_specs()),
+                                   *[vals[s.name] for s in specs])
+    assert jid is None and "outside the workspace" in msg and "--output" in msg
+    # the SGLang mode still takes the bench form
+    bvals = {s.name: s.to_widget(bt.GUI_DEFAULTS.get(s.name, s.default)) for s in bt.flat_specs()}
+    bvals["output"] = "../r.json"
+    msg, jid = bt.launch_benchmark(ws, bt.MODE_SGLANG, *[bvals[s.name] for s in bt.flat_specs()],
+                                   *[vals[s.name] for s in specs])
+    assert jid is None and "outside the workspace" in msg
+
+
+def test_train_form_is_restored_from_the_run_the_tab_shows(ws):
+    from specforge_core.jobs.store import Job
+    from workbench.common import job_runner, latest_job
+    from workbench.tabs import train_tab as tt
+
+    _write_jsonl(ws / "data" / "t.jsonl", [CONV])
+    cfg = tt.train_config(ws, _train_values(ws, train_data="data/t.jsonl", max_steps=7, lr=0.003, device="cpu",
+                                            output_dir="runs/mine", target_model="default"))
+    r = job_runner(ws)
+    job = Job(id="20990101-000000-train-abc123", kind="train", config=cfg.model_dump(mode="json"), argv=[],
+              job_dir=str(ws / "jobs" / "x"), status="finished", nproc=1)
+    r.store.add(job)
+    assert latest_job(ws, "train") == job.id and latest_job(ws, ("evaluate", "train")) == job.id
+    vals = dict(zip([s.name for s in tt.flat_specs()], tt.restored_values(ws, job.id)))
+    assert vals["train_data"] == "data/t.jsonl" and vals["output_dir"] == "runs/mine"
+    assert vals["max_steps"] == "7" and vals["lr"] == 0.003 and vals["device"] == "cpu"
+    assert vals["cache_dir"] == "cache" and vals["target_model"] == "default"
+    # the restored values build the same config again
+    assert tt.train_config(ws, tt.restored_values(ws, job.id)) == cfg
+    assert tt.restored_values(ws, None) is None and tt.restored_values(ws, "nope") is None

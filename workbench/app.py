@@ -44,13 +44,17 @@ def make_theme() -> gr.themes.Base:
 def launch_options() -> dict[str, Any]:
     """Keyword arguments for `Blocks.launch` shared by the workbench and the demo."""
     return {"css": load_css(), "theme": make_theme(), "ssr_mode": False, "footer_links": [],
-            "show_error": False, "enable_monitoring": False, "mcp_server": False}
+            "show_error": False, "enable_monitoring": False, "mcp_server": False,
+            # The upload box's cap, enforced by the server before a file lands (save_upload checks again).
+            "max_file_size": common.UPLOAD_MAX_BYTES}
 
 
 def build_app(workspace: str | os.PathLike) -> gr.Blocks:
-    """The full workbench over `workspace` (created if missing); nothing is served yet."""
+    """The full workbench over `workspace` (created if missing, and given the sample dataset while it has no
+    data: `common.seed_workspace`); nothing is served yet."""
     ws = Path(workspace).expanduser().resolve()
     ws.mkdir(parents=True, exist_ok=True)
+    common.seed_workspace(ws)
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"## {TITLE} · speculative-decoding draft workbench\n"
                     f"<span class='wb-workspace'>workspace: <code>{ws}</code></span>", elem_id="wb-header")

@@ -13,6 +13,10 @@
   (default, llama3, a hub id) beside workspace directories.
 - Rows: `read_rows` / `read_row` read a data file through the engine's readers, and
   `token_lengths` counts tokens as training sees them.
+- Workspace files: `data_files` lists the data files every tab offers; `seed_workspace` puts the
+  sample dataset into a workspace that has no data yet (`SAMPLE_DATA`, and the names the tabs'
+  defaults point at: `SAMPLE_TRAIN` once prepared, `SAMPLE_RUN` once trained); `save_upload` copies
+  an uploaded file into `UPLOAD_DIR` (size-capped, name sanitised, jailed by `workbench.security`).
 
 Everything here except `wire_job_panel` is a plain function without Gradio, so tests call it directly.
 """
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .forms import FieldSpec, FormError, render_errors
-from .security import PathOutsideWorkspace, resolve_in_workspace, resolve_path_fields
+from .security import PathOutsideWorkspace, resolve_in_workspace, resolve_path_fields, safe_file_name
 
 STATUS_COLORS = {"starting": "#6366f1", "running": "#2563eb", "finished": "#16a34a", "failed": "#dc2626",
                  "cancelled": "#d97706", "lost": "#6b7280"}
@@ -181,10 +185,12 @@ def watch_job(workspace: str | Path, job_id: str, log_lines: int = 8,
     return JobWatch(job, card, result)
 
 
-def latest_job(workspace: str | Path, kind: str) -> Optional[str]:
-    """The newest job of `kind`: what a reloaded page follows (the job kept running without the page)."""
-    jobs = job_runner(workspace).list_jobs(kind=kind, limit=1)
-    return jobs[0].id if jobs else None
+def latest_job(workspace: str | Path, kind: str | Sequence[str]) -> Optional[str]:
+    """The newest job of `kind` (or of any of several kinds, e.g. a tab with two modes): what a reloaded
+    page follows (the job kept running without the page)."""
+    r = job_runner(workspace)
+    jobs = [j for k in ([kind] if isinstance(kind, str) else kind) for j in r.list_jobs(kind=k, limit=1)]
+    return max(jobs, key=lambda j: j.created).id if jobs else None
 
 
 def cancel_job(workspace: str | Path, job_id: str | None, timeout: float = 30.0) -> str:
@@ -216,14 +222,14 @@ def resume_job(workspace: str | Path, job_id: str | None, overrides: dict | None
     return render_message(f"resumed {job_id} as {new.id}"), new.id
 
 
-def wire_job_panel(ctx: Any, kind: str, poll: Callable[..., tuple], *, launch: Callable[..., tuple],
+def wire_job_panel(ctx: Any, kind: str | Sequence[str], poll: Callable[..., tuple], *, launch: Callable[..., tuple],
                    launch_button: Any, launch_inputs: Sequence[Any], cancel_button: Any, message: Any, job_id: Any,
                    outputs: Sequence[Any], extra_inputs: Sequence[Any] = ()) -> Callable[..., tuple]:
     """Connect a job tab's controls; returns its `watch(job_id, *extra)` for the tab's other buttons.
 
     `poll(workspace, job_id, *extra) -> (*values, live)` fills `outputs`, whose last component is the
     tab's `gr.Timer` (it runs while the job is live); `launch(workspace, *form values)` returns
-    (message html, job id or None). The page load follows the newest job of `kind`.
+    (message html, job id or None). The page load follows the newest job of `kind` (one kind or several).
     """
     import gradio as gr
 
@@ -450,3 +456,87 @@ def token_lengths(rows: Sequence[dict], tokenizer: Any) -> list[int]:
                 pass
         out.append(len(tokenizer("\n".join(m["content"] for m in msgs), add_special_tokens=False)["input_ids"]))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Workspace files: the data lists, the sample a fresh workspace starts with, uploads
+# ------------------------------------------------------------------------------------------------
+DATA_DIR = "data"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".ndjson")
+# Not data a user picks: the jobs' own folders, and the reports prepare-data / regenerate write beside their output.
+_NOT_DATA_DIRS = ("jobs", "cache", "runs")
+_NOT_DATA_ENDINGS = ("_skipped.jsonl", "_summary.json", ".errors.jsonl")
+ASSETS = Path(__file__).with_name("assets")
+SAMPLE_ASSET = ASSETS / "sample_sharegpt.jsonl"
+SAMPLE_DATA = "samples/sample_sharegpt.jsonl"          # where a fresh workspace gets the sample
+SAMPLE_NAME = "sample_sharegpt"                         # prepare-data's default name for it (the input stem)
+SAMPLE_TRAIN = f"{DATA_DIR}/{SAMPLE_NAME}_train.jsonl"  # what prepare-data writes from it
+SAMPLE_RUN = "runs/eagle3"                              # the Train tab's default run directory
+UPLOAD_DIR = "uploads"
+UPLOAD_MAX_BYTES = 1 << 30                               # 1 GiB; the server refuses bigger files before they land
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".parquet", ".ndjson")
+
+
+def data_files(workspace: str | Path) -> list[str]:
+    """Data files under the workspace (relative paths), the prepared ones first; skip reports excluded."""
+    ws = Path(workspace)
+    out = []
+    for p in sorted(ws.rglob("*")):
+        rel = p.relative_to(ws)
+        if rel.parts and rel.parts[0] in _NOT_DATA_DIRS or any(x.startswith(".") for x in rel.parts):
+            continue
+        if p.is_file() and p.name.lower().endswith(DATA_SUFFIXES) and not p.name.endswith(_NOT_DATA_ENDINGS):
+            out.append(str(rel))
+    out.sort(key=lambda s: (not s.startswith(DATA_DIR + "/"), not s.endswith("_train.jsonl"), s))
+    return out
+
+
+def has_sample(workspace: str | Path) -> bool:
+    return (Path(workspace) / SAMPLE_DATA).is_file()
+
+
+def seed_workspace(workspace: str | Path) -> Optional[Path]:
+    """A workspace with no data file and no job yet gets the sample dataset (60 short ShareGPT-style
+    conversations written for this project, two of them deliberately broken; see notebooks/README.md)
+    at `SAMPLE_DATA`, so Data -> Loss mask -> Train -> Benchmark works on the first clicks. Returns the
+    file it wrote, or None (the workspace already has data, or had jobs: a user who deleted the sample
+    does not get it back)."""
+    ws = Path(workspace)
+    if (ws / "jobs").exists() or data_files(ws) or not SAMPLE_ASSET.is_file():
+        return None
+    dest = resolve_in_workspace(ws, SAMPLE_DATA)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(SAMPLE_ASSET.read_bytes())
+    return dest
+
+
+def save_upload(workspace: str | Path, src: str | Path, name: str | None = None,
+                max_bytes: int = UPLOAD_MAX_BYTES) -> str:
+    """Copy an uploaded file (Gradio's temporary copy at `src`) to `UPLOAD_DIR/<sanitised name>` and
+    return its workspace-relative path. The name is reduced to a safe base name (no folders, no `..`,
+    no leading dot), must end like a data file, and never replaces an existing file (`x-1.jsonl`, ...).
+    Raises `InputError` (too big, not a data file, a path the jail refuses)."""
+    import shutil
+
+    src = Path(src)
+    raw = name or src.name
+    try:
+        clean = safe_file_name(raw)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not clean.lower().endswith(UPLOAD_SUFFIXES):
+        raise InputError(f"{raw}: upload a .jsonl, .json or .parquet file")
+    size = src.stat().st_size
+    if size > max_bytes:
+        raise InputError(f"{raw}: {size / 2**20:.1f} MiB is over the upload limit of {max_bytes / 2**20:.0f} MiB; "
+                         f"copy big files into the workspace folder instead")
+    folder = resolve_input(workspace, UPLOAD_DIR, "upload")
+    stem, dot, ext = clean.rpartition(".")
+    dest, n = folder / clean, 0
+    while dest.exists():
+        n += 1
+        dest = folder / f"{stem}-{n}{dot}{ext}"
+    dest = resolve_input(workspace, str(dest.relative_to(Path(workspace).resolve())), "upload")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return relative_name(workspace, dest)

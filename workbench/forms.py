@@ -237,6 +237,15 @@ def render_errors(err: FormError | str, specs: Sequence[FieldSpec] = ()) -> str:
 # ------------------------------------------------------------------------------------------------
 # Gradio layout
 # ------------------------------------------------------------------------------------------------
+def component_value(spec: FieldSpec, value: Any) -> Any:
+    """A config value -> the value of the component `make_component` made for `spec` (to set it later,
+    e.g. when a reloaded page restores a form from a run's saved config)."""
+    shown = spec.to_widget(value)
+    if spec.kind in ("int", "float") and spec.optional:
+        return "" if shown is None else str(shown)
+    return shown
+
+
 def make_component(spec: FieldSpec, value: Any = _UNSET, elem_id: str | None = None, **kw: Any) -> Any:
     import gradio as gr
 

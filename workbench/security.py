@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable
 
@@ -109,3 +111,23 @@ def resolve_path_fields(root: str | os.PathLike, data: dict, fields: Iterable[st
         except PathOutsideWorkspace as e:
             errors[name] = str(e)
     return out, errors
+
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_file_name(name: str, max_len: int = 120) -> str:
+    """A file name from elsewhere (an upload) -> a plain base name safe to create in a workspace folder:
+    folders dropped (both separators), characters outside `A-Z a-z 0-9 . _ -` replaced by `_`, no leading
+    dot or dash (no hidden files, no flags), at most `max_len` characters with the extension kept.
+    Raises `SecurityError` when nothing usable is left."""
+    base = str(name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode("ascii")
+    base = _UNSAFE_CHARS.sub("_", base).lstrip(".-_")
+    if len(base) > max_len:
+        stem, dot, ext = base.rpartition(".")
+        ext = ext[-20:]
+        base = stem[: max_len - len(ext) - 1] + dot + ext
+    if not base or set(base) <= {".", "_"}:
+        raise SecurityError(f"{name!r}: not a usable file name")
+    return base

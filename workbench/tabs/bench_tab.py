@@ -1,22 +1,28 @@
-"""The Benchmark tab: acceptance length and speedup of a draft, measured by an SGLang server.
+"""The Benchmark tab: acceptance length and speedup of a draft, in one of two modes.
 
-The form is built from `BenchConfig` (`specforge_core.evaluate.bench`) through `workbench.forms`:
-a running server's URL or `launch` (SGLang on a GPU box), benchmark sets (`name[:count][=path]`)
-and a config list (`batch,steps,topk,draft_tokens`; `1,0,0,0` is the baseline). The bench job
-rewrites its results JSON after every run; this tab reads it and shows a table (pandas) and bar
-charts of the pooled acceptance length and the speedup per config. For small targets without SGLang,
-the reference server (`serve-reference`, same HTTP API) can be started here as a job.
+- **In-process** (the default without SGLang, e.g. on a CPU): the engine's `evaluate` job runs the
+  target and the draft in a background process on prompts from the workspace, plain greedy decoding
+  first, then every speculative config. Its form is built from `EvaluateConfig`.
+- **SGLang server**: the `bench` job against a running server's URL or `launch` (SGLang on a GPU
+  box), benchmark sets (`name[:count][=path]`). Its form is built from `BenchConfig`. For small
+  targets without SGLang, the reference server (`serve-reference`, same HTTP API) can be started
+  here as a job.
+
+Configs are `batch,steps,topk,draft_tokens` in both (`1,0,0,0` is the baseline). Both jobs rewrite a
+results JSON as they go, in different shapes; `result_rows` maps either to the same rows, so one
+table (pandas) and the same bar charts (pooled acceptance length, speedup per config) show both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..common import (job_status_html, relative_name, render_message, start_job, submit_job, watch_job,
-                      wire_job_panel, workspace_transform)
+from ..common import (SAMPLE_DATA, SAMPLE_RUN, has_sample, job_status_html, relative_name, render_message,
+                      start_job, submit_job, watch_job, wire_job_panel, workspace_transform)
 from ..forms import FormError, SchemaForm, one_row, render_errors
 from ..plots import bench_bar
 from ..security import PathOutsideWorkspace, resolve_in_workspace
@@ -34,6 +40,16 @@ DISPLAY_NAMES = {"acceptance_length_pooled": "accept len (pooled)",
                  "output_tokens_per_s": "output tok/s", "latency_p50_s": "latency p50 (s)"}
 REF_FIELDS = ["target", "draft", "port", "steps"]
 
+MODE_INPROCESS = "In-process (this machine, no server)"
+MODE_SGLANG = "SGLang server"
+MODES = [MODE_INPROCESS, MODE_SGLANG]
+KINDS = {MODE_INPROCESS: "evaluate", MODE_SGLANG: "bench"}
+EVAL_FIELDS = ["target", "draft", "prompts", "configs", "max_prompts", "max_new_tokens", "device", "output"]
+# Small enough for a CPU: a handful of prompts, short answers. The draft is the Train tab's default run.
+EVAL_DEFAULTS = {"draft": SAMPLE_RUN, "output": "bench/evaluate.json", "configs": ["1,3,1,4"], "max_prompts": 8,
+                 "max_new_tokens": 64}
+EVAL_PATH_FIELDS = ("draft", "prompts", "output")
+
 
 def _bench_cls():
     from specforge_core.evaluate.bench import BenchConfig
@@ -47,10 +63,33 @@ def _reference_cls():
     return ServeReferenceConfig
 
 
+def _evaluate_cls():
+    from specforge_core.evaluate.config import EvaluateConfig
+
+    return EvaluateConfig
+
+
 FORM = SchemaForm(_bench_cls, MAIN_FIELDS, "bench", defaults=GUI_DEFAULTS)
 flat_specs = FORM.specs
+EVAL_FORM = SchemaForm(_evaluate_cls, EVAL_FIELDS, "bench-eval", defaults=EVAL_DEFAULTS)
+eval_specs = EVAL_FORM.specs
 # The reference server's few fields; the rest keep the engine's defaults.
 REFERENCE_FORM = SchemaForm(_reference_cls, REF_FIELDS, "bench-ref", advanced=False)
+
+
+def default_mode() -> str:
+    """SGLang where it is installed (a GPU box), the in-process evaluator everywhere else (a CPU user
+    has no server to measure)."""
+    import importlib.util
+
+    return MODE_SGLANG if importlib.util.find_spec("sglang") is not None else MODE_INPROCESS
+
+
+def workspace_eval_form(workspace: str | Path) -> SchemaForm:
+    """The in-process form as a workspace shows it first: the sample dataset's prompts when it has them."""
+    if has_sample(workspace):
+        return dataclasses.replace(EVAL_FORM, defaults={**EVAL_DEFAULTS, "prompts": SAMPLE_DATA})
+    return EVAL_FORM
 
 
 def _resolve_benchmarks(ws: Path, specs: list[str]) -> list[str]:
@@ -85,6 +124,26 @@ def launch_bench(workspace: str | Path, *values: Any) -> tuple[str, Optional[str
     return start_job(workspace, "bench", lambda: bench_config(workspace, values), flat_specs())
 
 
+def evaluate_config(workspace: str | Path, values: Sequence[Any]):
+    """In-process form values (in `eval_specs()` order) -> a validated EvaluateConfig; raises FormError."""
+    return EVAL_FORM.to_config(values, transform=workspace_transform(workspace, paths=EVAL_PATH_FIELDS,
+                                                                     models=("target", "tokenizer"),
+                                                                     existing=("prompts", "draft")))
+
+
+def launch_evaluate(workspace: str | Path, *values: Any) -> tuple[str, Optional[str]]:
+    return start_job(workspace, "evaluate", lambda: evaluate_config(workspace, values), eval_specs())
+
+
+def launch_benchmark(workspace: str | Path, mode: str, *values: Any) -> tuple[str, Optional[str]]:
+    """The Run button: `values` are the SGLang form's (`flat_specs()`) then the in-process form's
+    (`eval_specs()`); `mode` says which one runs."""
+    n = len(flat_specs())
+    if mode == MODE_SGLANG:
+        return launch_bench(workspace, *values[:n])
+    return launch_evaluate(workspace, *values[n:])
+
+
 # ------------------------------------------------------------------------------------------------
 # Results
 # ------------------------------------------------------------------------------------------------
@@ -96,10 +155,38 @@ def read_results(path: str | Path) -> dict:
         return {}
 
 
+def _evaluate_rows(results: dict) -> list[dict]:
+    """The `evaluate` job's results JSON -> rows in the `bench` runs' shape (its baseline first, as 1,0,0,0)."""
+    prompts = (results.get("config") or {}).get("prompts") or ""
+    bench_name = Path(prompts).name or "prompts"
+    status = "ok" if results.get("finished") else "partial"
+    rows = []
+    for mode in [results.get("baseline")] + list(results.get("results") or []):
+        if not mode:
+            continue
+        base = mode is results.get("baseline")
+        acc = mode.get("acceptance_length")
+        wall, n = mode.get("wall_s"), mode.get("prompts")
+        rows.append({"benchmark": bench_name, "config": "1,0,0,0" if base else mode.get("config"), "status": status,
+                     "requests": n, "errors": mode.get("mismatches_vs_baseline", 0) or 0,
+                     "acceptance_length_pooled": 1.0 if base and acc is None else acc,
+                     "acceptance_length_mean_of_ratios": 1.0 if base else mode.get("acceptance_length_per_request_mean"),
+                     "output_tokens_per_s": mode.get("tokens_per_s"), "speedup": 1.0 if base else mode.get("speedup"),
+                     "latency_p50_s": None, "latency_mean_s": (wall / n) if wall and n else None})
+    return rows
+
+
+def result_rows(results: dict) -> list[dict]:
+    """Either job's results JSON -> one list of rows (bench: its `runs`; evaluate: baseline + `results`)."""
+    if results.get("kind") == "evaluate":
+        return _evaluate_rows(results)
+    return list(results.get("runs") or [])
+
+
 def results_frame(results: dict):
     import pandas as pd
 
-    runs = results.get("runs") or []
+    runs = result_rows(results)
     df = pd.DataFrame([{k: r.get(k) for k in RESULT_COLUMNS} for r in runs], columns=RESULT_COLUMNS)
     for col in ("acceptance_length_pooled", "acceptance_length_mean_of_ratios", "output_tokens_per_s", "speedup",
                 "latency_p50_s"):
@@ -117,7 +204,20 @@ def results_figures(df):
 def results_summary(results: dict, path: str) -> str:
     if not results:
         return f"No results yet (`{html.escape(path)}`)."
-    n = len(results.get("runs") or [])
+    n = len(result_rows(results))
+    if results.get("kind") == "evaluate":
+        status = "done" if results.get("finished") else "running"
+        s = (f"**{status}** · in-process · {n} run(s) · {results.get('prompts', '?')} prompts · "
+             f"{html.escape(str(results.get('device', '?')))} / {html.escape(str(results.get('dtype', '?')))} · "
+             f"`{html.escape(path)}`")
+        bad = [r for r in results.get("results") or [] if r.get("mismatches_vs_baseline")]
+        for r in bad:
+            s += (f"  \n⚠ {html.escape(str(r.get('config')))}: {r['mismatches_vs_baseline']} output(s) differ from "
+                  "plain greedy decoding (the *errors* column)")
+        s += ("  \nAcceptance length is *pooled*: tokens per verify step summed over the prompts / verify steps "
+              "(the bonus token counts, so no speculation is 1.0). Speedup is over plain greedy decoding of the "
+              "same prompts in the same process; on a CPU that is a CPU's speed, not a server's.")
+        return s
     s = f"**{results.get('status', '?')}** · {n} run(s) · `{html.escape(path)}`"
     if results.get("error"):
         s += f"  \n✖ {html.escape(str(results['error']))}"
@@ -167,29 +267,47 @@ def launch_reference(workspace: str | Path, *values: Any) -> tuple[str, Optional
 # ------------------------------------------------------------------------------------------------
 # Layout
 # ------------------------------------------------------------------------------------------------
+def _output_default(mode: str) -> str:
+    return EVAL_DEFAULTS["output"] if mode == MODE_INPROCESS else GUI_DEFAULTS["output"]
+
+
 def build(ctx) -> dict:
     import gradio as gr
 
     ws = Path(ctx.workspace)
     c: dict[str, Any] = {}
-    gr.Markdown("Measure a draft where it will run: an **SGLang server**. Give the URL of a running server (its "
-                "speculative flags are measured as they are) or tick *launch* to start SGLang once per config "
-                "(needs sglang and a GPU). A config is `batch,steps,topk,draft_tokens`; `1,0,0,0` is the "
-                "no-speculation baseline that speedups are measured against. Benchmark sets are "
-                "`name[:count][=path]` (mtbench, gsm8k, humaneval, math500, or NAME=FILE in the workspace).")
-    _, inputs = FORM.layout()
-    with gr.Accordion("Reference server for small targets (SGLang's API, in-process, CPU-friendly)", open=False):
-        gr.Markdown("No SGLang here? Serve a small target (and an exported draft) with the reference server and "
-                    "benchmark it by its URL. It measures acceptance faithfully; its speed is a CPU's.")
-        _, ref_inputs = REFERENCE_FORM.layout(one_row)
-        ref_btn = gr.Button("Start reference server", elem_id="bench-ref-start")
-        ref_msg = gr.HTML(elem_id="bench-ref-message")
-        ref_btn.click(lambda *v: launch_reference(ws, *v)[0], inputs=ref_inputs, outputs=ref_msg)
+    mode = default_mode()
+    eval_form = workspace_eval_form(ws)
+    gr.Markdown("Measure a draft's **acceptance length** and **speedup**. *In-process* runs the target and the "
+                "draft here, in a background job, on prompts from the workspace (plain greedy decoding first, then "
+                "each config): it needs no server and works on a CPU. *SGLang server* measures the draft where it "
+                "will run: give the URL of a running server (its speculative flags are measured as they are) or "
+                "tick *launch* to start SGLang once per config (needs sglang and a GPU). A config is "
+                "`batch,steps,topk,draft_tokens`; `1,0,0,0` is the no-speculation baseline that speedups are "
+                "measured against.")
+    c["mode"] = gr.Radio(MODES, value=mode, label="Mode", elem_id="bench-mode")
+    with gr.Group(visible=mode == MODE_INPROCESS) as inproc_box:
+        gr.Markdown("The draft is a training run directory (its latest checkpoint), a checkpoint, or a serving "
+                    "export; prompts are conversation rows (the turns before the last answer), `prompt` or "
+                    "`turns` rows.")
+        _, eval_inputs = eval_form.layout()
+    with gr.Group(visible=mode == MODE_SGLANG) as sglang_box:
+        gr.Markdown("Benchmark sets are `name[:count][=path]` (mtbench, gsm8k, humaneval, math500, or NAME=FILE "
+                    "in the workspace).")
+        _, inputs = FORM.layout()
+        with gr.Accordion("Reference server for small targets (SGLang's API, in-process, CPU-friendly)", open=False,
+                          elem_id="bench-ref"):
+            gr.Markdown("No SGLang here? Serve a small target (and an exported draft) with the reference server "
+                        "and benchmark it by its URL. It measures acceptance faithfully; its speed is a CPU's.")
+            _, ref_inputs = REFERENCE_FORM.layout(one_row)
+            ref_btn = gr.Button("Start reference server", elem_id="bench-ref-start")
+            ref_msg = gr.HTML(elem_id="bench-ref-message")
+            ref_btn.click(lambda *v: launch_reference(ws, *v)[0], inputs=ref_inputs, outputs=ref_msg)
     with gr.Row(equal_height=False, elem_classes=["wb-buttons"]):
         c["launch"] = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=2)
         c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="bench-cancel", scale=1)
     with gr.Row(equal_height=True):
-        c["results_path"] = gr.Textbox(value=GUI_DEFAULTS["output"], label="results file to show",
+        c["results_path"] = gr.Textbox(value=_output_default(mode), label="results file to show",
                                        elem_id="bench-results-path", scale=3)
         c["show"] = gr.Button("Show results", elem_id="bench-show", scale=1)
     c["message"] = gr.HTML(elem_id="bench-message")
@@ -203,9 +321,14 @@ def build(ctx) -> dict:
         c["speed_plot"] = gr.Plot(label="speedup", elem_id="bench-speed-plot")
     c["timer"] = gr.Timer(3.0, active=False)
     watch_outputs = [c["status"], c["summary"], c["table"], c["acc_plot"], c["speed_plot"], c["timer"]]
-    watch = wire_job_panel(ctx, "bench", poll_bench, launch=launch_bench, launch_button=c["launch"],
-                           launch_inputs=inputs, cancel_button=c["cancel"], message=c["message"],
-                           job_id=c["job_id"], outputs=watch_outputs, extra_inputs=[c["results_path"]])
+    watch = wire_job_panel(ctx, tuple(KINDS.values()), poll_bench, launch=launch_benchmark,
+                           launch_button=c["launch"], launch_inputs=[c["mode"], *inputs, *eval_inputs],
+                           cancel_button=c["cancel"], message=c["message"], job_id=c["job_id"],
+                           outputs=watch_outputs, extra_inputs=[c["results_path"]])
     c["show"].click(lambda p: watch(None, p), inputs=c["results_path"], outputs=watch_outputs)
+    c["mode"].change(lambda m: (gr.update(visible=m == MODE_INPROCESS), gr.update(visible=m == MODE_SGLANG),
+                                _output_default(m)),
+                     inputs=c["mode"], outputs=[inproc_box, sglang_box, c["results_path"]])
     c["inputs"] = inputs
+    c["eval_inputs"] = eval_inputs
     return c

@@ -16,21 +16,20 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..common import (InputError, job_runner, job_status_html, read_rows, relative_name, render_message,
-                      resolve_input, resolve_tokenizer, start_job, token_lengths, watch_job)
+from ..common import (DATA_DIR, SAMPLE_DATA, SAMPLE_TRAIN, UPLOAD_DIR, UPLOAD_MAX_BYTES, UPLOAD_SUFFIXES, InputError,
+                      data_files, has_sample, job_runner, job_status_html, read_rows, relative_name, render_message,
+                      resolve_input, resolve_tokenizer, save_upload, start_job, token_lengths, watch_job)
 from ..forms import FormError, SchemaForm, stacked
 from ..plots import token_length_histogram, turns_histogram
 from ..security import resolve_path_fields
 
 TITLE = "Data"
-DATA_DIR = "data"
 SOURCE_PRESET = "A dataset preset"
 SOURCE_FILE = "A file in the workspace"
 FORM_FIELDS = ["name", "sample_size", "split_eval", "seed", "system_prompt"]
 PREVIEW_COLUMNS = ["id", "turns", "roles", "first user turn", "first assistant turn"]
 SKIPPED_COLUMNS = ["file", "line", "code", "message"]
 STATS_MAX_ROWS = 2000
-_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".ndjson")
 
 
 def _prepare_cls():
@@ -66,19 +65,37 @@ def preset_table():
     return pd.DataFrame(rows)
 
 
-def data_files(workspace: str | Path) -> list[str]:
-    """Data files under the workspace (relative paths), the prepared ones first; skip reports excluded."""
-    ws = Path(workspace)
-    out = []
-    for p in sorted(ws.rglob("*")):
-        rel = p.relative_to(ws)
-        if rel.parts and rel.parts[0] in ("jobs", "cache", "runs") or any(x.startswith(".") for x in rel.parts):
+def upload_files(workspace: str | Path, files: Any) -> tuple[str, Optional[str]]:
+    """The upload box: copy each uploaded file into `uploads/` (`common.save_upload`: size-capped, name
+    sanitised, inside the workspace); (message html, the last file saved or None). Never raises."""
+    paths = [f if isinstance(f, (str, Path)) else getattr(f, "name", None) for f in
+             (files if isinstance(files, (list, tuple)) else [files] if files else [])]
+    saved, errors = [], []
+    for p in paths:
+        if not p:
             continue
-        if p.is_file() and p.name.lower().endswith(_DATA_SUFFIXES) and not p.name.endswith("_skipped.jsonl") \
-                and not p.name.endswith("_summary.json") and not p.name.endswith(".errors.jsonl"):
-            out.append(str(rel))
-    out.sort(key=lambda s: (not s.startswith(DATA_DIR + "/"), not s.endswith("_train.jsonl"), s))
-    return out
+        try:
+            saved.append(save_upload(workspace, p))
+        except (InputError, OSError) as e:
+            errors.append(str(e))
+    msg = "".join(render_message(e, ok=False) for e in errors)
+    if saved:
+        msg = render_message("saved " + ", ".join(saved) + " in the workspace (selected below): preview it or "
+                             "run prepare-data on it") + msg
+    if not saved and not errors:
+        msg = render_message("no file received", ok=False)
+    return msg, (saved[-1] if saved else None)
+
+
+def sample_note(workspace: str | Path) -> str:
+    """What the Data tab says while the workspace holds the sample dataset (markdown; empty otherwise)."""
+    if not has_sample(workspace):
+        return ""
+    return (f"**New here? This workspace came with a sample dataset**, `{SAMPLE_DATA}`: 60 short conversations "
+            "written for this project (two rows are broken on purpose, so the skip report has something to "
+            "show). Start with **Run prepare-data** on it (it is selected below), look at the rows in the "
+            f"*Loss mask* tab, then train on `{SAMPLE_TRAIN}` in the *Train* tab (its default) and measure the "
+            "draft in the *Benchmark* tab. Bring your own data with the upload box.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,15 +274,21 @@ def build(ctx) -> dict:
 
     ws = Path(ctx.workspace)
     c: dict[str, Any] = {}
+    first_file = SAMPLE_DATA if has_sample(ws) else None
     gr.Markdown("Bring conversations into one schema: pick a public dataset preset (its source files in the "
                 "workspace or the local Hugging Face cache) or a file of your own, and run **prepare-data**. "
                 f"Outputs go to `{DATA_DIR}/` in the workspace: `<name>_train.jsonl`, `<name>_eval.jsonl` and "
                 "`<name>_skipped.jsonl` (every unusable row with its file and line).")
+    c["sample_note"] = gr.Markdown(sample_note(ws), elem_id="data-sample-note", visible=has_sample(ws))
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=320):
+            c["upload"] = gr.File(label=f"Upload JSONL / JSON / Parquet (saved in {UPLOAD_DIR}/, at most "
+                                        f"{UPLOAD_MAX_BYTES >> 20} MiB each)", file_count="multiple",
+                                  file_types=list(UPLOAD_SUFFIXES), elem_id="data-upload", height=150)
+            c["upload_msg"] = gr.HTML(elem_id="data-upload-message")
             c["source"] = gr.Radio([SOURCE_FILE, SOURCE_PRESET], value=SOURCE_FILE, label="Source",
                                    elem_id="data-source")
-            c["file"] = gr.Dropdown(data_files(ws), value=None, label="File (inside the workspace)",
+            c["file"] = gr.Dropdown(data_files(ws), value=first_file, label="File (inside the workspace)",
                                     allow_custom_value=True, elem_id="data-file",
                                     info="JSONL / JSON / Parquet, our schema, ShareGPT style or a preset's source schema")
             with gr.Group(visible=False) as preset_box:
@@ -286,7 +309,7 @@ def build(ctx) -> dict:
 
     gr.Markdown("### Look at a dataset")
     with gr.Row(equal_height=False):
-        c["view_file"] = gr.Dropdown(data_files(ws), value=None, label="Data file", allow_custom_value=True,
+        c["view_file"] = gr.Dropdown(data_files(ws), value=first_file, label="Data file", allow_custom_value=True,
                                      elem_id="data-view-file", scale=3)
         c["tokenizer"] = gr.Textbox(value="default", label="Tokenizer (for token lengths)", scale=2,
                                     elem_id="data-tokenizer")
@@ -326,7 +349,24 @@ def build(ctx) -> dict:
                     c["skipped"]]
     c["load"].click(lambda f, t: inspect_file(ws, f, t), inputs=[c["view_file"], c["tokenizer"]],
                     outputs=load_outputs)
+
+    def on_upload(files):
+        msg, saved = upload_files(ws, files)
+        files_now = data_files(ws)
+
+        def pick():  # one update per dropdown: Gradio consumes an update dict as it applies it
+            return gr.update(choices=files_now, value=saved) if saved else gr.update(choices=files_now)
+
+        # The upload box empties itself: the files now live in the workspace, listed in both dropdowns.
+        return msg, None, pick(), pick(), gr.update(value=SOURCE_FILE) if saved else gr.update()
+
+    c["upload"].upload(on_upload, inputs=c["upload"],
+                       outputs=[c["upload_msg"], c["upload"], c["file"], c["view_file"], c["source"]])
     if ctx.app is not None:
         # Files appear in the workspace while the app runs (uploads, other jobs): list them afresh.
-        ctx.app.load(lambda: (gr.update(choices=data_files(ws)),) * 2, outputs=[c["file"], c["view_file"]])
+        def on_load():
+            return (gr.update(choices=data_files(ws)),) * 2 + (gr.update(value=sample_note(ws),
+                                                                           visible=has_sample(ws)),)
+
+        ctx.app.load(on_load, outputs=[c["file"], c["view_file"], c["sample_note"]])
     return c

@@ -12,15 +12,16 @@ field, with a disk estimate from `specforge_core.offline.store`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..common import (job_runner, job_status_html, read_rows, relative_name, render_message, resolve_model_name,
-                      resolve_tokenizer, start_job, submit_job, token_lengths, watch_job, wire_job_panel,
-                      workspace_transform)
-from ..forms import FieldSpec, FormError, SchemaForm, render_errors
+from ..common import (SAMPLE_RUN, SAMPLE_TRAIN, has_sample, job_runner, job_status_html, latest_job, read_rows,
+                      relative_name, render_message, resolve_model_name, resolve_tokenizer, start_job, submit_job,
+                      token_lengths, watch_job, wire_job_panel, workspace_transform)
+from ..forms import FieldSpec, FormError, SchemaForm, component_value, render_errors
 from ..plots import read_metrics, split_rows, training_figures
 from ..security import PathOutsideWorkspace, resolve_in_workspace
 
@@ -29,7 +30,7 @@ MAIN_FIELDS = ["target_model", "train_data", "eval_data", "chat_template", "max_
                "ttt_length", "lr", "batch_size", "epochs", "max_steps", "device", "output_dir"]
 OFFLINE_FIELDS = ["train_hidden_states", "eval_hidden_states"]
 # Defaults that point into the workspace instead of the CLI's `workspace/...` (the job runs in it).
-GUI_DEFAULTS = {"output_dir": "runs/eagle3", "cache_dir": "cache", "num_proc": 1}
+GUI_DEFAULTS = {"output_dir": SAMPLE_RUN, "cache_dir": "cache", "num_proc": 1}
 PATH_FIELDS = ("train_data", "eval_data", "train_hidden_states", "eval_hidden_states", "draft_model_config",
                "cache_dir", "output_dir")
 MODEL_FIELDS = ("target_model", "tokenizer")  # a path, or a name the engine knows (default, llama3, hub id)
@@ -46,6 +47,36 @@ def _train_cls():
 FORM = SchemaForm(_train_cls, MAIN_FIELDS, "train", defaults=GUI_DEFAULTS, groups=[OFFLINE_FIELDS])
 flat_specs = FORM.specs
 gui_default = FORM.default
+
+
+def workspace_form(workspace: str | Path) -> SchemaForm:
+    """The form as a workspace shows it first: a workspace holding the sample dataset trains on it (the file
+    the Data tab's prepare-data writes from it), so the first clicks work without typing a path."""
+    if has_sample(workspace):
+        return dataclasses.replace(FORM, defaults={**GUI_DEFAULTS, "train_data": [SAMPLE_TRAIN]})
+    return FORM
+
+
+def restored_values(workspace: str | Path, job_id: Optional[str]) -> Optional[list[Any]]:
+    """The form values (in `flat_specs()` order) of the run `job_id` was started with, as the form shows
+    them (workspace paths relative again); None when there is no such job. A field the saved config
+    lacks (a run from an older version) keeps the GUI default. This is what a reloaded page shows beside
+    that run's curves."""
+    if not job_id:
+        return None
+    try:
+        job = job_runner(workspace).get(job_id)
+    except KeyError:
+        return None
+    saved = job.config or {}
+    rel = set(PATH_FIELDS) | set(MODEL_FIELDS)
+    out = []
+    for spec in flat_specs():
+        v = saved.get(spec.name, gui_default(spec))
+        if spec.name in rel and v:
+            v = [relative_name(workspace, x) for x in v] if isinstance(v, list) else relative_name(workspace, v)
+        out.append(component_value(spec, v))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,7 +330,7 @@ def build(ctx) -> dict:
                                               scale=0, min_width=240)
             c["estimate"] = gr.Markdown(elem_id="train-estimate-out")
 
-    c["components"], inputs = FORM.layout(place_groups=offline_group)
+    c["components"], inputs = workspace_form(ws).layout(place_groups=offline_group)
     with gr.Row(equal_height=False):
         c["nproc"] = gr.Number(value=1, precision=0, minimum=1, maximum=64, label="processes",
                                info="> 1 runs under torchrun", elem_id="train-nproc", scale=1, min_width=160)
@@ -336,6 +367,17 @@ def build(ctx) -> dict:
                         inputs=[c["nproc"], *inputs], outputs=c["cli"])
     c["save"].click(lambda p, *v: save_config(ws, p, *v), inputs=[c["save_path"], *inputs], outputs=c["message"])
     c["estimate_btn"].click(lambda *v: disk_estimate(ws, *v), inputs=inputs, outputs=c["estimate"])
+    if ctx.app is not None:
+        # A reloaded page follows the newest run (wire_job_panel); the form shows what that run was started with.
+        def on_load():
+            jid = latest_job(ws, "train")
+            vals = restored_values(ws, jid)
+            nproc = job_runner(ws).get(jid).nproc if vals is not None else None
+            if vals is None:
+                return (gr.update(),) * (len(inputs) + 1)
+            return (*vals, nproc or 1)
+
+        ctx.app.load(on_load, outputs=[*inputs, c["nproc"]])
 
     side_timer = gr.Timer(2.0, active=False)
 
