@@ -31,11 +31,11 @@ class Command:
 
 
 COMMANDS: list[Command] = [
-    Command("prepare-data", "config:PrepareDataConfig", "data.prepare:prepare_data",
+    Command("prepare-data", "data.config:PrepareDataConfig", "data.prepare:prepare_data",
             "convert a preset dataset or local files into train/eval JSONL in our schema"),
-    Command("inspect-mask", "config:InspectMaskConfig", "data.inspect:inspect_mask",
+    Command("inspect-mask", "data.config:InspectMaskConfig", "data.inspect:inspect_mask",
             "show which tokens are trained (green) and masked (red)"),
-    Command("build-cache", "config:BuildCacheConfig", "data.cache:build_cache",
+    Command("build-cache", "data.config:BuildCacheConfig", "data.cache:build_cache",
             "tokenise + mask a dataset once (cached by key) and build the draft vocab"),
 ]
 

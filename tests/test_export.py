@@ -13,8 +13,8 @@ from conftest import tiny_llama_config
 from specforge_core.config import add_config_args, config_from_args
 from specforge_core.events import null_events
 from specforge_core.training.checkpoint import save_checkpoint
-from specforge_core.training.export import (REQUIRED_TENSORS, CheckDraftConfig, ExportConfig, check_draft,
-                                            check_draft_dir, export_draft)
+from specforge_core.training.config import CheckDraftConfig, ExportConfig
+from specforge_core.training.export import REQUIRED_TENSORS, check_draft, check_draft_dir, export_draft
 
 H, HEADS, KV, HD, INTER, V, VD = 32, 4, 2, 8, 64, 128, 40
 

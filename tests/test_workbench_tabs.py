@@ -53,7 +53,7 @@ def _write_jsonl(path: Path, rows) -> Path:
 # forms.py
 # ------------------------------------------------------------------------------------------------
 def test_field_kinds_follow_the_schema():
-    from specforge_core.config import InspectMaskConfig
+    from specforge_core.data.config import InspectMaskConfig
     from specforge_core.training.config import TrainConfig
     from workbench.forms import field_spec
 
@@ -339,7 +339,8 @@ def test_bench_results_table_and_charts(ws):
 
     if bt.bench_engine() is None:
         pytest.skip("no bench engine in this checkout")
-    from specforge_core.evaluate.bench import BenchConfig, ResultStore
+    from specforge_core.evaluate.bench import ResultStore
+    from specforge_core.evaluate.config import BenchConfig
 
     store = ResultStore(ws / "bench" / "results.json", BenchConfig(server="http://x"))
     store.runs = [

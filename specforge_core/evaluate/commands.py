@@ -15,10 +15,10 @@ COMMANDS = [
 
 # The SGLang benchmark client and the reference server (issue 6, benchmarks side).
 COMMANDS += [
-    Command("bench", "evaluate.bench:BenchConfig", "evaluate.bench:bench",
+    Command("bench", "evaluate.config:BenchConfig", "evaluate.bench:bench",
             "benchmark a draft on an SGLang server (--server URL, or --launch per config): pooled acceptance "
             "length, tokens/s, latency, speedup vs 1,0,0,0; results saved as they come"),
-    Command("serve-reference", "evaluate.refserver:ServeReferenceConfig", "evaluate.refserver:serve_reference",
+    Command("serve-reference", "evaluate.config:ServeReferenceConfig", "evaluate.refserver:serve_reference",
             "serve a target (+ EAGLE3 draft) behind SGLang's HTTP API for tests and notebooks "
             "(production serving is SGLang)"),
 ]

@@ -3,9 +3,9 @@
 from ..cli import Command
 
 COMMANDS = [
-    Command("dump-hidden-states", "offline.dump:DumpConfig", "offline.dump:dump_hidden_states",
+    Command("dump-hidden-states", "offline.config:DumpConfig", "offline.dump:dump_hidden_states",
             "run the target once over a dataset and store its hidden states (compact, crash-safe, resumable) "
             "for offline training (train --train-hidden-states DIR)"),
-    Command("estimate-dump", "offline.dump:EstimateDumpConfig", "offline.dump:estimate_dump",
+    Command("estimate-dump", "offline.config:EstimateDumpConfig", "offline.dump:estimate_dump",
             "the disk a dump-hidden-states run needs for this data and format (loads no target weights)"),
 ]

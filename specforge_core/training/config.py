@@ -1,9 +1,10 @@
-"""The training job's config: one schema for `specforge-wb train`, the GUI's Train form and `run.json`."""
+"""The training jobs' configs (`train`, `export`, `check-draft`): one schema each for the CLI flags, the
+GUI's Train tab and `run.json`."""
 
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -71,3 +72,27 @@ class TrainConfig(JobConfig):
         if not self.train_data and not self.train_hidden_states:
             raise ValueError("give --train-data (online) or --train-hidden-states (offline)")
         return self
+
+
+class ExportConfig(JobConfig):
+    """Write the serving checkpoint (config.json + model.safetensors) SGLang / vLLM load, and check it."""
+
+    _positional: ClassVar[tuple[str, ...]] = ("checkpoint",)
+
+    checkpoint: str = Field(..., description="a checkpoint dir (RUN/checkpoints/step_N) or a run dir "
+                            "(meaning its latest complete checkpoint)")
+    output: str = Field(..., description="directory to write the serving checkpoint into")
+    target: Optional[str] = Field(None, description="target model to check against (`default`, a local dir, "
+                                  "or a hub id): vocab and hidden sizes must match")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the exported weights")
+    overwrite: bool = Field(False, description="replace an existing output directory")
+
+
+class CheckDraftConfig(JobConfig):
+    """Check a serving checkpoint: names, shapes, dtypes, vocab mapping, and fit to a target."""
+
+    _positional: ClassVar[tuple[str, ...]] = ("path",)
+
+    path: str = Field(..., description="serving checkpoint directory (config.json + model.safetensors)")
+    target: Optional[str] = Field(None, description="target model to check against (`default`, a local dir, "
+                                  "or a hub id)")

@@ -19,13 +19,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from ..config import JobConfig, write_run_json
+from ..config import write_run_json
 from ..events import Events
+from .config import CheckDraftConfig, ExportConfig
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 MODEL_FILE = "model.safetensors"
@@ -50,30 +50,6 @@ _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32"
 _CONFIG_JUNK = ("id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
                 "output_attentions", "output_hidden_states", "return_dict", "_name_or_path", "use_cache",
                 "transformers_version")
-
-
-class ExportConfig(JobConfig):
-    """Write the serving checkpoint (config.json + model.safetensors) SGLang / vLLM load, and check it."""
-
-    _positional: ClassVar[tuple[str, ...]] = ("checkpoint",)
-
-    checkpoint: str = Field(..., description="a checkpoint dir (RUN/checkpoints/step_N) or a run dir "
-                            "(meaning its latest complete checkpoint)")
-    output: str = Field(..., description="directory to write the serving checkpoint into")
-    target: Optional[str] = Field(None, description="target model to check against (`default`, a local dir, "
-                                  "or a hub id): vocab and hidden sizes must match")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the exported weights")
-    overwrite: bool = Field(False, description="replace an existing output directory")
-
-
-class CheckDraftConfig(JobConfig):
-    """Check a serving checkpoint: names, shapes, dtypes, vocab mapping, and fit to a target."""
-
-    _positional: ClassVar[tuple[str, ...]] = ("path",)
-
-    path: str = Field(..., description="serving checkpoint directory (config.json + model.safetensors)")
-    target: Optional[str] = Field(None, description="target model to check against (`default`, a local dir, "
-                                  "or a hub id)")
 
 
 # ------------------------------------------------------------------------------------------------

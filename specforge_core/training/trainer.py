@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import BuildCacheConfig, write_run_json
+from ..config import write_run_json
+from ..data.config import BuildCacheConfig
 from ..events import Events, JobCancelled
 from .batches import Batch, EpochBatches
 from .config import TrainConfig

@@ -217,7 +217,7 @@ def launch_reference(workspace: str | Path, target: str, draft: str, port: Any, 
     """Start the reference server (SGLang's API over HF / in-process EAGLE3) as a background job."""
     if not reference_available():
         return render_message("the reference server is not available in this installation", ok=False), None
-    from specforge_core.evaluate.refserver import ServeReferenceConfig
+    from specforge_core.evaluate.config import ServeReferenceConfig
 
     from .train_tab import _resolve_model_name
 

@@ -82,7 +82,7 @@ def data_files(workspace: str | Path) -> list[str]:
 # prepare-data as a job
 # ------------------------------------------------------------------------------------------------
 def prepare_specs():
-    from specforge_core.config import PrepareDataConfig
+    from specforge_core.data.config import PrepareDataConfig
 
     return field_specs(PrepareDataConfig, FORM_FIELDS)
 
@@ -90,7 +90,7 @@ def prepare_specs():
 def prepare_config(workspace: str | Path, source: str, preset: Optional[str], file_path: str,
                    source_path: str, form_values: Sequence[Any]):
     """The form -> a validated `PrepareDataConfig` writing into `workspace/data`; raises FormError."""
-    from specforge_core.config import PrepareDataConfig
+    from specforge_core.data.config import PrepareDataConfig
 
     ws = Path(workspace)
     fixed: dict[str, Any] = {"output": str(ws / DATA_DIR)}
