@@ -21,7 +21,7 @@ from .events import Events, JobCancelled
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specforge-wb", description="Train speculative-decoding drafts "
-                                "(EAGLE3, Medusa) for SGLang / vLLM: data, masks, training, evaluation.")
+                                "(EAGLE3) for SGLang / vLLM: data, masks, training, evaluation.")
     p.add_argument("--version", action="version", version=f"specforge-wb {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for c in COMMANDS:

@@ -480,7 +480,7 @@ class JobRunner:
 
 
 # ------------------------------------------------------------------------------------------------
-# Module-level shortcuts (one runner per workspace, per process)
+# One runner per workspace, per process (the GUI's tabs share it)
 # ------------------------------------------------------------------------------------------------
 _RUNNERS: dict[str, JobRunner] = {}
 
@@ -490,38 +490,6 @@ def runner(workspace: str | Path) -> JobRunner:
     if key not in _RUNNERS:
         _RUNNERS[key] = JobRunner(key)
     return _RUNNERS[key]
-
-
-def submit(kind: str, config: JobConfig | dict, workspace: str | Path, nproc: int = 1, **kw: Any) -> Job:
-    return runner(workspace).submit(kind, config, nproc=nproc, **kw)
-
-
-def status(job_id: str, workspace: str | Path) -> str:
-    return runner(workspace).status(job_id)
-
-
-def cancel(job_id: str, workspace: str | Path, timeout: float = 30.0) -> Job:
-    return runner(workspace).cancel(job_id, timeout=timeout)
-
-
-def resume(job_id: str, workspace: str | Path, **kw: Any) -> Job:
-    return runner(workspace).resume(job_id, **kw)
-
-
-def list_jobs(workspace: str | Path, **kw: Any) -> list[Job]:
-    return runner(workspace).list_jobs(**kw)
-
-
-def log_tail(job_id: str, workspace: str | Path, n: int = 50) -> str:
-    return runner(workspace).log_tail(job_id, n)
-
-
-def progress(job_id: str, workspace: str | Path) -> Optional[dict]:
-    return runner(workspace).progress(job_id)
-
-
-def metrics(job_id: str, workspace: str | Path, split: str | None = None) -> list[dict]:
-    return runner(workspace).metrics(job_id, split=split)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,6 +519,5 @@ def jobs_command(cfg: JobsConfig, events: Events) -> dict:
     return {**_row(new), "resumed_from": job.id}
 
 
-__all__ = ["JobRunner", "Job", "runner", "submit", "status", "cancel", "resume", "list_jobs", "log_tail",
-           "progress", "metrics", "jobs_command", "job_kinds", "resolve_kind", "config_class", "cli_command",
+__all__ = ["JobRunner", "Job", "runner", "jobs_command", "job_kinds", "resolve_kind", "config_class", "cli_command",
            "pid_alive", "group_running", "proc_start_time", "CHILD_PID_FILE"]
