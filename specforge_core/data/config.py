@@ -58,3 +58,29 @@ class BuildCacheConfig(MaskOptions):
     num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="worker processes for tokenising")
     draft_vocab_size: int = Field(32000, ge=1, description="size of the draft vocabulary (top ids under the mask)")
     overwrite: bool = Field(False, description="rebuild even when a cache with the same key exists")
+
+
+class DataFields(JobConfig):
+    """The data and target fields of a job that runs a target over a tokenised cache (`train`,
+    `dump-hidden-states`): the same fields, flags and defaults in each, and one way from them to the
+    cache, so an online and an offline run over the same data find the same cache (same key)."""
+
+    target_model: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), "
+                              "a local HF directory, or a hub id")
+    train_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for training")
+    eval_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for evaluation")
+    tokenizer: Optional[str] = Field(None, description="tokenizer (default: the target's)")
+    chat_template: str = Field("auto", description="chat template name or `auto`")
+    max_length: int = Field(2048, ge=8, description="max tokens per sample")
+    train_only_last_turn: bool = Field(False, description="train only on the last assistant turn")
+    cache_dir: str = Field("workspace/cache", description="tokenised-cache root")
+    num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="tokenising processes")
+    draft_vocab_size: int = Field(32000, ge=1, description="draft vocabulary size (capped at the target's)")
+
+    def build_cache_config(self) -> BuildCacheConfig:
+        """The `build-cache` config of these fields (the caller caps draft_vocab_size at its target's)."""
+        return BuildCacheConfig(
+            tokenizer=self.tokenizer or self.target_model, chat_template=self.chat_template,
+            max_length=self.max_length, train_only_last_turn=self.train_only_last_turn, data=self.train_data,
+            eval_data=self.eval_data, cache_dir=self.cache_dir, num_proc=self.num_proc,
+            draft_vocab_size=self.draft_vocab_size)

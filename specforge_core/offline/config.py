@@ -3,30 +3,20 @@ and `run.json` of a hidden-state store."""
 
 from __future__ import annotations
 
-import os
 from typing import Literal, Optional
 
 from pydantic import Field
 
-from ..config import JobConfig
+from ..data.config import DataFields
 
 
-class DumpConfig(JobConfig):
+class DumpConfig(DataFields):
     """Dump a target's hidden states for a dataset into a compact, crash-safe store for offline training."""
 
-    target_model: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), "
-                              "a local HF directory, or a hub id")
     output: str = Field("workspace/hidden_states", description="store directory (resumes if it exists)")
     cache: Optional[str] = Field(None, description="a finished tokenised cache directory (from build-cache); "
                                  "or give --train-data and it is built / found like the trainer does")
-    train_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for training")
-    eval_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for evaluation")
-    tokenizer: Optional[str] = Field(None, description="tokenizer (default: the target's)")
-    chat_template: str = Field("auto", description="chat template name or `auto`")
-    max_length: int = Field(2048, ge=8, description="max tokens per sample")
-    train_only_last_turn: bool = Field(False, description="train only on the last assistant turn")
-    cache_dir: str = Field("workspace/cache", description="tokenised-cache root")
-    num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="tokenising processes")
+    # Same field as DataFields' (it keeps that position); only the help says what it means here.
     draft_vocab_size: int = Field(32000, ge=1, description="draft vocabulary size built with the cache")
     aux_layer_ids: Optional[list[int]] = Field(None, description="target layers to capture "
                                                "(default [1, L//2-1, L-4])")

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 from ..config import read_run_json, write_run_json
-from ..data.config import BuildCacheConfig
 from ..events import Events, JobCancelled
 from .config import DumpConfig
 from .store import (STORE_FORMAT, STORE_KIND, StoreError, StoreWriter, bytes_per_token, estimate_bytes,
@@ -43,14 +42,6 @@ _SLEEP_ENV = "SPECFORGE_DUMP_SLEEP"
 # ------------------------------------------------------------------------------------------------
 # Pieces
 # ------------------------------------------------------------------------------------------------
-def cache_config(cfg) -> BuildCacheConfig:
-    """The BuildCacheConfig the trainer would use for these fields (so both find the same cache)."""
-    return BuildCacheConfig(
-        tokenizer=cfg.tokenizer or cfg.target_model, chat_template=cfg.chat_template, max_length=cfg.max_length,
-        train_only_last_turn=cfg.train_only_last_turn, data=cfg.train_data, eval_data=cfg.eval_data,
-        cache_dir=cfg.cache_dir, num_proc=cfg.num_proc, draft_vocab_size=cfg.draft_vocab_size)
-
-
 def _target_config(name: str):
     from transformers import AutoConfig
 
@@ -68,7 +59,7 @@ def _load_data(cfg: DumpConfig, vocab_size: int, events: Events):
         return load_cache(cfg.cache)
     if not cfg.train_data:
         raise ValueError("dump-hidden-states: give --cache (a finished tokenised cache) or --train-data")
-    cc = cache_config(cfg)
+    cc = cfg.build_cache_config()
     if cc.draft_vocab_size > vocab_size:
         cc = cc.model_copy(update={"draft_vocab_size": vocab_size})
     return load_cache(build_cache(cc, events)["path"])
