@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specforge_core.events import null_events, read_events  # noqa: E402
-from specforge_core.offline.dump import DumpConfig, dump_hidden_states  # noqa: E402
+from specforge_core.offline.config import DumpConfig  # noqa: E402
+from specforge_core.offline.dump import dump_hidden_states  # noqa: E402
 from specforge_core.offline.store import bytes_per_token, specforge_bytes_per_token  # noqa: E402
 from specforge_core.training.config import TrainConfig  # noqa: E402
 from specforge_core.training.trainer import train  # noqa: E402

@@ -165,7 +165,8 @@ def bench_dump(root: Path, samples: int, real_weights: bool, options: list[tuple
     """Dump throughput beside the bare target forward over the very same batches, alternating runs."""
     from specforge_core.events import null_events
     from specforge_core.models.target import load_target
-    from specforge_core.offline.dump import DumpConfig, _split_stats, dump_hidden_states, length_batches
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import _split_stats, dump_hidden_states, length_batches
     from specforge_core.targets import load_tokenizer, resolve_model
     from specforge_core.data.batches import collate
 

@@ -1,68 +1,27 @@
 """The `specforge-wb` command line: parse -> config -> one engine call. Nothing else lives here.
 
-Each subcommand is a row of `COMMANDS`: its config class (the flags come from the schema) and the
-engine function, imported lazily so `specforge-wb --help` stays fast. Engine functions take
-`(config, events)` and return a JSON-able summary, which is printed as the last line of stdout
-(`--json`) or as readable text.
+Each subcommand is a row of the command table (`specforge_core.commands.COMMANDS`): its config class
+(the flags come from the schema) and the engine function, imported only when the command runs so
+`specforge-wb --help` stays fast. Engine functions take `(config, events)` and return a JSON-able
+summary, which is printed as the last line of stdout (`--json`) or as readable text.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable
 
 from . import __version__
-from .config import ConfigError, JobConfig, add_config_args, config_from_args, write_run_json  # noqa: F401
+from .commands import COMMANDS, Command
+from .config import ConfigError, add_config_args, config_from_args
 from .events import Events, JobCancelled
 
 
-@dataclass(frozen=True)
-class Command:
-    name: str
-    config: str              # "module:Class" under specforge_core
-    func: str                # "module:function" under specforge_core; called as func(cfg, events)
-    help: str
-    config_flag: bool | str = True  # accept --config FILE (a string: that flag name instead of --config)
-
-
-COMMANDS: list[Command] = [
-    Command("prepare-data", "config:PrepareDataConfig", "data.prepare:prepare_data",
-            "convert a preset dataset or local files into train/eval JSONL in our schema"),
-    Command("inspect-mask", "config:InspectMaskConfig", "data.inspect:inspect_mask",
-            "show which tokens are trained (green) and masked (red)"),
-    Command("build-cache", "config:BuildCacheConfig", "data.cache:build_cache",
-            "tokenise + mask a dataset once (cached by key) and build the draft vocab"),
-]
-
-
-def _resolve(spec: str) -> Callable | type:
-    mod, attr = spec.split(":")
-    return getattr(importlib.import_module(f"specforge_core.{mod}"), attr)
-
-
-def _register_extra_commands() -> None:
-    """Later engine parts add rows here (training, regen, evaluate, ...) without editing the core table."""
-    for extra in ("training.commands", "regen.commands", "offline.commands", "evaluate.commands", "jobs.commands"):
-        try:
-            mod = importlib.import_module(f"specforge_core.{extra}")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("specforge_core"):
-                continue
-            raise
-        for c in getattr(mod, "COMMANDS", []):
-            if all(c.name != x.name for x in COMMANDS):
-                COMMANDS.append(c)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    _register_extra_commands()
     p = argparse.ArgumentParser(prog="specforge-wb", description="Train speculative-decoding drafts "
-                                "(EAGLE3, Medusa) for SGLang / vLLM: data, masks, training, evaluation.")
+                                "(EAGLE3) for SGLang / vLLM: data, masks, training, evaluation.")
     p.add_argument("--version", action="version", version=f"specforge-wb {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for c in COMMANDS:
@@ -75,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also append structured events (JSON lines) to this file")
         sp.add_argument("--json", dest="_json", action="store_true", help="print the result as JSON")
         sp.add_argument("--quiet", dest="_quiet", action="store_true", help="do not echo events to stderr")
-        add_config_args(sp, _resolve(c.config))
+        add_config_args(sp, c.config)
         sp.set_defaults(_command=c)
 
     ui = sub.add_parser("ui", help="start the Gradio workbench", description="start the Gradio workbench")
@@ -127,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         return _run_ui(ns)
     cmd: Command = ns._command
     try:
-        cfg = config_from_args(_resolve(cmd.config), ns, getattr(ns, "_config_file", None))
+        cfg = config_from_args(cmd.config, ns, getattr(ns, "_config_file", None))
     except ConfigError as e:
         print(f"specforge-wb {cmd.name}: {e}", file=sys.stderr)
         return 2
     events = Events(ns._events_file, echo=not ns._quiet)
     events.install_signal_handlers()
-    func = _resolve(cmd.func)
+    func = cmd.resolve()
     try:
         result = func(cfg, events)
     except JobCancelled as e:

@@ -1,6 +1,9 @@
-"""Typed job configs: one pydantic schema per job feeds the CLI flags, the GUI forms and `run.json`.
+"""The machinery under every typed job config: one pydantic schema per job feeds the CLI flags, the
+GUI forms and `run.json`.
 
-Each long job is a function of one of these objects. `add_config_args` turns a config class into
+Each long job is a function of one config object; the classes live beside their jobs, one
+`config.py` per package (`data.config`, `training.config`, `offline.config`, `evaluate.config`,
+`regen.config`, `jobs.config`), and all derive from `JobConfig` here. `add_config_args` turns a config class into
 argparse flags (field `max_length` -> `--max-length`, help from the field description),
 `config_from_args` builds the object back (a `--config FILE` of YAML/JSON supplies defaults that
 flags override), and `write_run_json` / `read_run_json` make every artifact directory say what
@@ -15,9 +18,9 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 FORMAT_VERSION = 1
 
@@ -31,58 +34,6 @@ class JobConfig(BaseModel):
     _positional: typing.ClassVar[tuple[str, ...]] = ()
     # Extra flag spellings for a field, e.g. {"configs": ("--config",)}.
     _flag_aliases: typing.ClassVar[dict[str, tuple[str, ...]]] = {}
-
-
-# ------------------------------------------------------------------------------------------------
-# Issue 2: data
-# ------------------------------------------------------------------------------------------------
-class PrepareDataConfig(JobConfig):
-    """Turn a preset dataset or local files into our conversation schema (train / eval JSONL)."""
-
-    dataset: Optional[str] = Field(None, description="preset name (ultrachat, sharegpt, perfectblend, "
-                                   "daring-anteater, magpie); its source is read with `datasets`")
-    input: Optional[list[str]] = Field(None, description="local file(s): JSONL, JSON list or Parquet, "
-                                       "in our schema or a preset's source schema; several are merged")
-    source_path: Optional[str] = Field(None, description="where a preset's source lives locally "
-                                       "(file or directory); default: the hub id through the HF cache")
-    output: str = Field("workspace/data", description="output directory")
-    name: Optional[str] = Field(None, description="output name prefix (default: dataset or input stem)")
-    sample_size: Optional[int] = Field(None, ge=1, description="keep at most this many rows (random, seeded)")
-    split_eval: float = Field(0.05, ge=0.0, lt=1.0, description="fraction of rows written to the eval file")
-    seed: int = Field(0, description="seed for sampling and the train/eval split")
-    system_prompt: Optional[str] = Field(None, description="add this system turn to rows that have none")
-    max_row_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="rows larger than this are skipped")
-
-
-class MaskOptions(JobConfig):
-    """How conversations become token ids and a loss mask."""
-
-    tokenizer: str = Field("default", description="tokenizer: `default` (SmolLM2-135M-Instruct), "
-                           "`llama3` (Meta's Llama-3 tokenizer), a local directory, or a hub id")
-    chat_template: str = Field("auto", description="named template (llama3, chatml, qwen, qwen3-thinking, ...) "
-                               "or `auto` (render with the tokenizer's own chat template and diff prefixes)")
-    max_length: int = Field(2048, ge=8, description="truncate samples to this many tokens")
-    train_only_last_turn: bool = Field(False, description="train only on the last assistant turn")
-
-
-class InspectMaskConfig(MaskOptions):
-    """Show which tokens of a sample are trained (green) and which are masked (red)."""
-
-    input: str = Field(..., description="JSONL / JSON / Parquet file of conversations or text rows")
-    index: Optional[list[int]] = Field(None, description="row indices to show (default: 0)")
-    format: Literal["text", "json"] = Field("text", description="text: coloured tokens; json: one object per sample")
-    color: Optional[bool] = Field(None, description="force ANSI colours on/off (default: when stdout is a terminal)")
-
-
-class BuildCacheConfig(MaskOptions):
-    """Tokenise + mask a dataset once, keyed by a hash of its inputs, and build the draft vocab."""
-
-    data: list[str] = Field(..., description="conversation JSONL file(s) (train); several are concatenated")
-    eval_data: Optional[list[str]] = Field(None, description="eval file(s), cached beside the train split")
-    cache_dir: str = Field("workspace/cache", description="where caches live (one subdirectory per key)")
-    num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="worker processes for tokenising")
-    draft_vocab_size: int = Field(32000, ge=1, description="size of the draft vocabulary (top ids under the mask)")
-    overwrite: bool = Field(False, description="rebuild even when a cache with the same key exists")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,6 +61,12 @@ def _is_module(name: str) -> bool:
     return p.with_suffix(".py").is_file() or p.is_dir()
 
 
+def _is_config(name: str) -> bool:
+    """specforge_core.<package>.config: a package's job configs, readable from anywhere."""
+    parts = name.split(".")
+    return len(parts) == 3 and parts[2] == "config"
+
+
 def _part(module: str) -> str:
     """specforge_core.training.trainer -> training; specforge_core.config -> config."""
     parts = module.split(".")
@@ -80,7 +86,12 @@ def engine_violations() -> list[str]:
             if top != "specforge_core" or name == "specforge_core":
                 continue
             there = _part(name)
-            if there == "cli" and here != "__main__":
+            if mod.endswith(".config") and mod != "specforge_core.config" and FLOOR[there] > 0 \
+                    and not _is_config(name):
+                bad.append(f"{where}: a config module holds schemas only (pydantic + other configs)")
+            elif _is_config(name) and there != here:
+                continue  # any job may build any job's config (the command table reads them all)
+            elif there == "cli" and here != "__main__":
                 bad.append(f"{where}: the engine knows no argv; shared rows live in specforge_core.commands")
             elif there != here and FLOOR[there] >= FLOOR[here]:
                 bad.append(f"{where}: {there!r} is not below {here!r} (floors: docs/ARCHITECTURE.md)")

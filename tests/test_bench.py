@@ -16,8 +16,9 @@ from aiohttp import web
 
 from specforge_core.config import ConfigError
 from specforge_core.evaluate import launcher
-from specforge_core.evaluate.bench import BenchConfig, bench, parse_config_list, summarize
+from specforge_core.evaluate.bench import bench, parse_config_list, summarize
 from specforge_core.evaluate.benchsets import BenchmarkSetError, load_benchmark, parse_spec
+from specforge_core.evaluate.config import BenchConfig
 from specforge_core.evaluate.launcher import (LaunchedServer, SGLangNotInstalled, ServerStartError, serve_command,
                                               sglang_argv)
 from specforge_core.evaluate.sglang_client import GenerateResult

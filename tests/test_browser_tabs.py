@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -205,7 +204,8 @@ def serving(workspace):
     """The run's serving export, made in-process (the Export button's job cannot run yet: see
     ENGINE_POSITIONAL_BUG)."""
     from specforge_core.events import null_events
-    from specforge_core.training.export import ExportConfig, export_draft
+    from specforge_core.training.config import ExportConfig
+    from specforge_core.training.export import export_draft
 
     d = workspace / RUN / "serving-ref"
     export_draft(ExportConfig(checkpoint=str(workspace / RUN), output=str(d), target=str(workspace / "tiny_target"),

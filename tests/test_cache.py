@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from specforge_core.config import BuildCacheConfig
+from specforge_core.data.config import BuildCacheConfig
 from specforge_core.data.cache import DONE, build_cache, cache_key, load_cache
 from specforge_core.data.mask import mask
 from specforge_core.data.vocab import VocabMismatchError, build_vocab_mapping, count_tokens

@@ -15,7 +15,8 @@ from specforge_core.events import null_events
 from specforge_core.training.checkpoint import save_checkpoint
 from specforge_core.models.eagle3 import REQUIRED_TENSORS
 from specforge_core.models.serving import check_draft_dir
-from specforge_core.training.export import CheckDraftConfig, ExportConfig, check_draft, export_draft
+from specforge_core.training.config import CheckDraftConfig, ExportConfig
+from specforge_core.training.export import check_draft, export_draft
 
 H, HEADS, KV, HD, INTER, V, VD = 32, 4, 2, 8, 64, 128, 40
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from specforge_core.config import ConfigError, PrepareDataConfig, load_config_file
+from specforge_core.config import ConfigError, load_config_file
+from specforge_core.data.config import PrepareDataConfig
 from specforge_core.jobs.runner import JobRunner, cli_command, job_kinds, pid_alive, proc_start_time
 from specforge_core.jobs.store import Job, JobStore, StoreError
 

@@ -136,7 +136,8 @@ def test_teacher_positions_are_the_ones_before_trained_tokens():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.unit
 def test_offline_training_matches_online_and_loads_no_target(tmp_path, tiny_target, data_files, monkeypatch):
-    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import HiddenStateStore
     from specforge_core.training.config import TrainConfig
     from specforge_core.training.trainer import train
@@ -190,7 +191,8 @@ def test_offline_training_matches_online_and_loads_no_target(tmp_path, tiny_targ
 
 @pytest.mark.unit
 def test_store_from_another_target_or_data_is_refused(tmp_path, tiny_target, other_target, data_files):
-    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import StoreError, check_store_matches, read_journal
     from specforge_core.training.config import TrainConfig
     from specforge_core.training.trainer import train
@@ -220,7 +222,8 @@ def test_store_from_another_target_or_data_is_refused(tmp_path, tiny_target, oth
 @pytest.mark.unit
 def test_estimate_only_and_disk_refusal(tmp_path, tiny_target, data_files, monkeypatch):
     import specforge_core.offline.dump as dump_mod
-    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import estimate_bytes
 
     train_f, _ = data_files
@@ -247,7 +250,8 @@ def test_estimate_only_and_disk_refusal(tmp_path, tiny_target, data_files, monke
 
 @pytest.mark.unit
 def test_fp8_format_is_smaller_and_close(tmp_path, tiny_target, data_files):
-    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import HiddenStateStore
 
     train_f, _ = data_files
@@ -282,7 +286,8 @@ def _cli(args: dict, env: dict | None = None, wait: bool = True, command: str = 
 @pytest.mark.unit
 @pytest.mark.slow
 def test_sigkill_mid_dump_then_resume_gives_the_same_store(tmp_path, tiny_target, data_files):
-    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import read_journal
 
     train_f, eval_f = data_files
@@ -318,7 +323,8 @@ def test_sigkill_mid_dump_then_resume_gives_the_same_store(tmp_path, tiny_target
 
 @pytest.mark.unit
 def test_truncated_or_corrupt_shard_is_named_and_repaired(tmp_path, tiny_target, data_files):
-    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import HiddenStateStore, StoreError, read_journal
 
     train_f, _ = data_files
@@ -347,7 +353,8 @@ def test_truncated_or_corrupt_shard_is_named_and_repaired(tmp_path, tiny_target,
 @pytest.mark.unit
 def test_cancel_leaves_a_resumable_store(tmp_path, tiny_target, data_files):
     from specforge_core.events import Events, JobCancelled
-    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import HiddenStateStore
 
     class CancelAfter(Events):
@@ -525,7 +532,8 @@ def test_topk_position_with_no_draft_token_is_not_counted():
 
 @pytest.mark.unit
 def test_topk_dump_trains_offline_without_lm_head(tmp_path, tiny_target, data_files, monkeypatch):
-    from specforge_core.offline.dump import DumpConfig, dump_hidden_states
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import HiddenStateStore, TargetHead
     from specforge_core.training.config import TrainConfig
     from specforge_core.training.trainer import train

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from specforge_core.cli import main
-from specforge_core.config import PrepareDataConfig
+from specforge_core.data.config import PrepareDataConfig
 from specforge_core.data.prepare import eval_fraction, prepare_data
 from specforge_core.events import Events, JobCancelled, null_events
 

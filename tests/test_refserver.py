@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_llama_config
-from specforge_core.evaluate.bench import BenchConfig, bench
-from specforge_core.evaluate.refserver import (HFDecoder, ReferenceServer, ReferenceServerThread,
-                                               ServeReferenceConfig, serve_reference)
+from specforge_core.evaluate.bench import bench
+from specforge_core.evaluate.config import BenchConfig, ServeReferenceConfig
+from specforge_core.evaluate.refserver import HFDecoder, ReferenceServer, ReferenceServerThread, serve_reference
 from specforge_core.events import null_events
 
 pytestmark = pytest.mark.unit

@@ -22,7 +22,8 @@ from specforge_core.evaluate.spec_decode import GenerationResult, SpecConfig, ac
 from specforge_core.models.eagle3 import build_draft_config, override_layer_ids, servable_layer_problems
 from specforge_core.models.registry import build_draft, family
 from specforge_core.models.serving import check_draft_dir
-from specforge_core.training.export import ExportConfig, export_draft
+from specforge_core.training.config import ExportConfig
+from specforge_core.training.export import export_draft
 
 
 

@@ -247,7 +247,8 @@ def tiny_dirs(tmp_path_factory):
     from specforge_core.models.target import default_layer_ids
     from specforge_core.targets import load_tokenizer
     from specforge_core.training.checkpoint import save_checkpoint
-    from specforge_core.training.export import ExportConfig, export_draft
+    from specforge_core.training.config import ExportConfig
+    from specforge_core.training.export import export_draft
 
     root = tmp_path_factory.mktemp("evaluate")
     torch.manual_seed(0)

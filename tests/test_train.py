@@ -65,7 +65,8 @@ def train_rows(run_dir: Path) -> list[dict]:
 @pytest.mark.unit
 def test_train_tiny_target_writes_metrics_checkpoint_and_exports(tmp_path, tiny_target):
     from specforge_core.training.config import TrainConfig
-    from specforge_core.training.export import CheckDraftConfig, ExportConfig, check_draft, export_draft
+    from specforge_core.training.config import CheckDraftConfig, ExportConfig
+    from specforge_core.training.export import check_draft, export_draft
     from specforge_core.training.trainer import train
 
     data = write_conversations(tmp_path / "train.jsonl", 24)

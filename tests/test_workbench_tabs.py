@@ -6,7 +6,6 @@ building with every tab.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +52,7 @@ def _write_jsonl(path: Path, rows) -> Path:
 # forms.py
 # ------------------------------------------------------------------------------------------------
 def test_field_kinds_follow_the_schema():
-    from specforge_core.config import InspectMaskConfig
+    from specforge_core.data.config import InspectMaskConfig
     from specforge_core.training.config import TrainConfig
     from workbench.forms import field_spec
 
@@ -335,7 +334,8 @@ def test_regen_form_and_errors_table(ws):
 def test_bench_results_table_and_charts(ws):
     from workbench.tabs import bench_tab as bt
 
-    from specforge_core.evaluate.bench import BenchConfig, ResultStore
+    from specforge_core.evaluate.bench import ResultStore
+    from specforge_core.evaluate.config import BenchConfig
 
     store = ResultStore(ws / "bench" / "results.json", BenchConfig(server="http://x"))
     store.runs = [

@@ -36,9 +36,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..config import BuildCacheConfig, read_run_json, write_run_json
+from ..config import read_run_json, write_run_json
 from ..events import Events, JobCancelled
 from ..targets import file_lock
+from .config import BuildCacheConfig
 from .vocab import VocabMapping, build_vocab_mapping, count_tokens, load_vocab_mapping, save_vocab_mapping
 
 CACHE_FORMAT = 1

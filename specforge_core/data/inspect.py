@@ -11,8 +11,8 @@ import json
 import sys
 from typing import Optional
 
-from ..config import InspectMaskConfig
 from ..events import Events
+from .config import InspectMaskConfig
 from .mask import MaskedSample, MaskError, mask
 
 GREEN, RED, YELLOW, RESET, DIM = "\x1b[32m", "\x1b[31m", "\x1b[33m", "\x1b[0m", "\x1b[2m"

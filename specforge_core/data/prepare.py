@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import FORMAT_VERSION, PrepareDataConfig
+from ..config import FORMAT_VERSION
 from ..events import Events, JobCancelled
+from .config import PrepareDataConfig
 from .presets import get_preset
 from .sources import iter_source_records
 from .readers import SkipReport, dumps_line, expand_paths, iter_records, normalize_records

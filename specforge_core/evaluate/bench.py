@@ -41,58 +41,18 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from pydantic import Field
-
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError
 from ..events import Events, JobCancelled
 from .benchsets import BenchItem, BenchSet, BenchmarkSetError, load_benchmarks
+from .config import BenchConfig
 from .launcher import (LaunchedServer, SGLangNotInstalled, ServerStartError, check_spec_params, require_sglang,
                        sglang_argv)
 from .sglang_client import GenerateResult, SGLangClient, ServerError, render_chat
 from ..asyncutil import run_sync
 
 RESULTS_VERSION = 1
-
-
-class BenchConfig(JobConfig):
-    """Benchmark a draft against an SGLang server: acceptance length (pooled), tokens/s, latency, speedup."""
-
-    server: Optional[str] = Field(None, description="URL of a running SGLang server (its flags are measured as "
-                                  "they are; use --launch to sweep configs)")
-    launch: bool = Field(False, description="start `python -m sglang.launch_server` for each server config "
-                         "(needs sglang and a GPU)")
-    target: Optional[str] = Field(None, description="target model (for --launch; also the default tokenizer)")
-    draft: Optional[str] = Field(None, description="EAGLE3 draft directory (for --launch)")
-    tokenizer: Optional[str] = Field(None, description="tokenizer for the chat template (default: --target, else "
-                                     "the server's tokenizer_path)")
-    benchmark: list[str] = Field(["mtbench:80"], description="benchmark sets `name[:count][=path]`: mtbench, gsm8k, "
-                                 "humaneval, math500, or NAME=FILE of prompts")
-    config_list: list[str] = Field(["1,0,0,0"], description="configs `batch,steps,topk,draft_tokens`; 1,0,0,0 = "
-                                   "no speculation (the speedup baseline)")
-    max_new_tokens: int = Field(512, ge=1, description="max tokens generated per request")
-    temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0 = greedy, as acceptance "
-                               "benchmarks use)")
-    system_prompt: Optional[str] = Field(None, description="system prompt applied to every request (use the one "
-                                         "the draft was trained with)")
-    prompt_format: Literal["chat", "raw"] = Field("chat", description="chat: render with the tokenizer's chat "
-                                                  "template and send input_ids; raw: send the prompt text as is")
-    output: str = Field("bench_results.json", description="results JSON (also .csv and .requests.jsonl beside it)")
-    timeout: float = Field(600.0, gt=0, description="seconds to wait for one request")
-    max_errors: int = Field(5, ge=1, description="stop a run after this many failed requests")
-    warmup: int = Field(1, ge=0, description="requests sent before each run and not counted")
-    host: str = Field("127.0.0.1", description="--launch: host the server binds")
-    port: int = Field(30000, ge=1, le=65535, description="--launch: server port")
-    tp: int = Field(1, ge=1, description="--launch: tensor-parallel size")
-    mem_fraction_static: Optional[float] = Field(None, gt=0, lt=1, description="--launch: SGLang's "
-                                                 "--mem-fraction-static")
-    launch_timeout: float = Field(900.0, gt=0, description="--launch: seconds to wait for the server's /health")
-    server_args: Optional[str] = Field(None, description="--launch: extra launch_server flags, one string "
-                                       "written with = so the shell passes it whole: --server-args=\"--dtype bfloat16 --context-length 4096\"")
-    python: Optional[str] = Field(None, description="--launch: Python interpreter that has sglang "
-                                  "(default: this one)")
-    log_dir: Optional[str] = Field(None, description="--launch: server logs go here (default: beside --output)")
 
 
 @dataclass(frozen=True)

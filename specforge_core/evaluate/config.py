@@ -1,6 +1,9 @@
-"""The `evaluate` job's config: in-process speculative decoding of a target + EAGLE3 draft on prompts."""
+"""The evaluation jobs' configs: `evaluate` (in-process speculative decoding of a target + EAGLE3 draft on
+prompts), `bench` (the SGLang benchmark client) and `serve-reference` (the reference server)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from typing import ClassVar, Literal, Optional
 
@@ -45,8 +48,6 @@ class EvaluateConfig(JobConfig):
     @field_validator("configs")
     @classmethod
     def _check_configs(cls, v: list[str]) -> list[str]:
-        from .spec_decode import SpecConfig
-
         if not v:
             raise ValueError("give at least one config, e.g. 1,3,1,4")
         out = []
@@ -56,3 +57,115 @@ class EvaluateConfig(JobConfig):
                 SpecConfig.parse(part, where=f"configs[{i}]")
                 out.append(part)
         return out
+
+
+class BenchConfig(JobConfig):
+    """Benchmark a draft against an SGLang server: acceptance length (pooled), tokens/s, latency, speedup."""
+
+    server: Optional[str] = Field(None, description="URL of a running SGLang server (its flags are measured as "
+                                  "they are; use --launch to sweep configs)")
+    launch: bool = Field(False, description="start `python -m sglang.launch_server` for each server config "
+                         "(needs sglang and a GPU)")
+    target: Optional[str] = Field(None, description="target model (for --launch; also the default tokenizer)")
+    draft: Optional[str] = Field(None, description="EAGLE3 draft directory (for --launch)")
+    tokenizer: Optional[str] = Field(None, description="tokenizer for the chat template (default: --target, else "
+                                     "the server's tokenizer_path)")
+    benchmark: list[str] = Field(["mtbench:80"], description="benchmark sets `name[:count][=path]`: mtbench, gsm8k, "
+                                 "humaneval, math500, or NAME=FILE of prompts")
+    config_list: list[str] = Field(["1,0,0,0"], description="configs `batch,steps,topk,draft_tokens`; 1,0,0,0 = "
+                                   "no speculation (the speedup baseline)")
+    max_new_tokens: int = Field(512, ge=1, description="max tokens generated per request")
+    temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0 = greedy, as acceptance "
+                               "benchmarks use)")
+    system_prompt: Optional[str] = Field(None, description="system prompt applied to every request (use the one "
+                                         "the draft was trained with)")
+    prompt_format: Literal["chat", "raw"] = Field("chat", description="chat: render with the tokenizer's chat "
+                                                  "template and send input_ids; raw: send the prompt text as is")
+    output: str = Field("bench_results.json", description="results JSON (also .csv and .requests.jsonl beside it)")
+    timeout: float = Field(600.0, gt=0, description="seconds to wait for one request")
+    max_errors: int = Field(5, ge=1, description="stop a run after this many failed requests")
+    warmup: int = Field(1, ge=0, description="requests sent before each run and not counted")
+    host: str = Field("127.0.0.1", description="--launch: host the server binds")
+    port: int = Field(30000, ge=1, le=65535, description="--launch: server port")
+    tp: int = Field(1, ge=1, description="--launch: tensor-parallel size")
+    mem_fraction_static: Optional[float] = Field(None, gt=0, lt=1, description="--launch: SGLang's "
+                                                 "--mem-fraction-static")
+    launch_timeout: float = Field(900.0, gt=0, description="--launch: seconds to wait for the server's /health")
+    server_args: Optional[str] = Field(None, description="--launch: extra launch_server flags, one string "
+                                       "written with = so the shell passes it whole: --server-args=\"--dtype bfloat16 --context-length 4096\"")
+    python: Optional[str] = Field(None, description="--launch: Python interpreter that has sglang "
+                                  "(default: this one)")
+    log_dir: Optional[str] = Field(None, description="--launch: server logs go here (default: beside --output)")
+
+
+class ServeReferenceConfig(JobConfig):
+    """Serve a target (and optionally an EAGLE3 draft) behind SGLang's HTTP API, for tests and notebooks.
+    Production serving is SGLang: `bench` against this server measures acceptance, not speed."""
+
+    target: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), a local HF "
+                        "directory or a hub id")
+    draft: Optional[str] = Field(None, description="EAGLE3 draft directory (serving checkpoint); none = plain "
+                                 "decoding (acceptance length 1.0)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(30000, ge=0, le=65535, description="port (0 = a free one, printed at start)")
+    steps: int = Field(3, ge=1, description="speculative steps (with --draft)")
+    topk: int = Field(1, ge=1, description="draft tree branching (with --draft; 1 = chain)")
+    draft_tokens: Optional[int] = Field(None, ge=2, description="tokens verified per step (default steps+1 "
+                                        "for a chain)")
+    served_model_name: Optional[str] = Field(None, description="model name in /v1/models (default: the target)")
+    device: str = Field("cpu", description="cpu, cuda or auto")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
+
+
+# SGLang's batch,steps,topk,draft_tokens: one set of rules for the launcher, bench and the in-process decoder
+@dataclass(frozen=True)
+class SpecConfig:
+    batch: int
+    steps: int
+    topk: int
+    draft_tokens: int
+
+    @property
+    def speculative(self) -> bool:
+        return self.steps > 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch},{self.steps},{self.topk},{self.draft_tokens}"
+
+    @staticmethod
+    def max_tree_nodes(steps: int, topk: int) -> int:
+        """How many draft nodes a dynamic tree can offer: topk at level 1, topk^2 at each later level."""
+        return topk + (steps - 1) * topk * topk if steps > 0 else 0
+
+    @classmethod
+    def parse(cls, text: str, where: str = "config") -> "SpecConfig":
+        """`"1,3,1,4"` -> SpecConfig; `"1,0,0,0"` is plain decoding. Errors name the bad value."""
+        parts = [p.strip() for p in str(text).split(",")]
+        if len(parts) != 4:
+            raise ValueError(f"{where} {text!r}: expected 4 comma-separated integers batch,steps,topk,draft_tokens "
+                             "(e.g. 1,3,1,4)")
+        try:
+            b, s, k, n = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"{where} {text!r}: every field of batch,steps,topk,draft_tokens must be an integer") \
+                from None
+        if b < 1:
+            raise ValueError(f"{where} {text!r}: batch must be >= 1")
+        if s < 0 or k < 0 or n < 0:
+            raise ValueError(f"{where} {text!r}: steps, topk and draft_tokens must be >= 0")
+        if s == 0:
+            if k or n:
+                raise ValueError(f"{where} {text!r}: steps 0 means no speculation; write it as {b},0,0,0")
+            return cls(b, 0, 0, 0)
+        if k < 1:
+            raise ValueError(f"{where} {text!r}: topk must be >= 1 when steps > 0")
+        if k == 1 and n != s + 1:
+            raise ValueError(f"{where} {text!r}: with topk 1 (a chain) draft_tokens must be steps + 1 = {s + 1}")
+        if n < 2:
+            raise ValueError(f"{where} {text!r}: draft_tokens must be >= 2 (the root plus at least one draft)")
+        most = cls.max_tree_nodes(s, k) + 1
+        if n > most:
+            raise ValueError(f"{where} {text!r}: draft_tokens {n} exceeds what {s} steps of topk {k} can offer "
+                             f"({most} including the root)")
+        return cls(b, s, k, n)

@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .config import SpecConfig
+
 # SGLang renamed --cuda-graph-max-bs to --cuda-graph-max-bs-decode (and -prefill) in 0.5.2x; the old
 # name is then an ambiguous prefix and argparse refuses it, so the flag follows the installed version.
 CUDA_GRAPH_FLAG_OLD = "--cuda-graph-max-bs"
@@ -75,8 +77,6 @@ def check_spec_params(steps: int, topk: int, draft_tokens: int) -> None:
     The rules are `SpecConfig.parse`'s, one set for the server and the in-process decoder: SGLang ranks
     `topk + (steps-1)*topk^2` candidates and keeps `draft_tokens - 1` of them (`organize_draft_results`),
     and with topk 1 it resets draft_tokens to steps + 1 (so anything else is refused here)."""
-    from .spec_decode import SpecConfig
-
     SpecConfig.parse(f"1,{steps},{topk},{draft_tokens}", where=f"speculative config steps={steps} topk={topk} "
                      f"draft_tokens={draft_tokens}:")
 

@@ -33,11 +33,10 @@ import uuid
 from typing import Any, Optional, Protocol, Sequence
 
 from aiohttp import web
-from pydantic import Field
 
-from ..config import JobConfig
-from ..events import Events
 from ..asyncutil import ServerThread
+from ..events import Events
+from .config import ServeReferenceConfig
 
 try:
     import orjson
@@ -55,25 +54,6 @@ except ImportError:  # pragma: no cover
     _loads = json.loads
 
 REFERENCE_VERSION = "specforge-reference-1"
-
-
-class ServeReferenceConfig(JobConfig):
-    """Serve a target (and optionally an EAGLE3 draft) behind SGLang's HTTP API, for tests and notebooks.
-    Production serving is SGLang: `bench` against this server measures acceptance, not speed."""
-
-    target: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), a local HF "
-                        "directory or a hub id")
-    draft: Optional[str] = Field(None, description="EAGLE3 draft directory (serving checkpoint); none = plain "
-                                 "decoding (acceptance length 1.0)")
-    host: str = Field("127.0.0.1", description="address to bind")
-    port: int = Field(30000, ge=0, le=65535, description="port (0 = a free one, printed at start)")
-    steps: int = Field(3, ge=1, description="speculative steps (with --draft)")
-    topk: int = Field(1, ge=1, description="draft tree branching (with --draft; 1 = chain)")
-    draft_tokens: Optional[int] = Field(None, ge=2, description="tokens verified per step (default steps+1 "
-                                        "for a chain)")
-    served_model_name: Optional[str] = Field(None, description="model name in /v1/models (default: the target)")
-    device: str = Field("cpu", description="cpu, cuda or auto")
-    max_new_tokens_limit: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
 
 
 class Decoder(Protocol):

@@ -40,61 +40,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-
-# ------------------------------------------------------------------------------------------------
-# Spec of one decoding configuration (SGLang's batch,steps,topk,draft_tokens)
-# ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SpecConfig:
-    batch: int
-    steps: int
-    topk: int
-    draft_tokens: int
-
-    @property
-    def speculative(self) -> bool:
-        return self.steps > 0
-
-    @property
-    def label(self) -> str:
-        return f"{self.batch},{self.steps},{self.topk},{self.draft_tokens}"
-
-    @staticmethod
-    def max_tree_nodes(steps: int, topk: int) -> int:
-        """How many draft nodes a dynamic tree can offer: topk at level 1, topk^2 at each later level."""
-        return topk + (steps - 1) * topk * topk if steps > 0 else 0
-
-    @classmethod
-    def parse(cls, text: str, where: str = "config") -> "SpecConfig":
-        """`"1,3,1,4"` -> SpecConfig; `"1,0,0,0"` is plain decoding. Errors name the bad value."""
-        parts = [p.strip() for p in str(text).split(",")]
-        if len(parts) != 4:
-            raise ValueError(f"{where} {text!r}: expected 4 comma-separated integers batch,steps,topk,draft_tokens "
-                             "(e.g. 1,3,1,4)")
-        try:
-            b, s, k, n = (int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"{where} {text!r}: every field of batch,steps,topk,draft_tokens must be an integer") \
-                from None
-        if b < 1:
-            raise ValueError(f"{where} {text!r}: batch must be >= 1")
-        if s < 0 or k < 0 or n < 0:
-            raise ValueError(f"{where} {text!r}: steps, topk and draft_tokens must be >= 0")
-        if s == 0:
-            if k or n:
-                raise ValueError(f"{where} {text!r}: steps 0 means no speculation; write it as {b},0,0,0")
-            return cls(b, 0, 0, 0)
-        if k < 1:
-            raise ValueError(f"{where} {text!r}: topk must be >= 1 when steps > 0")
-        if k == 1 and n != s + 1:
-            raise ValueError(f"{where} {text!r}: with topk 1 (a chain) draft_tokens must be steps + 1 = {s + 1}")
-        if n < 2:
-            raise ValueError(f"{where} {text!r}: draft_tokens must be >= 2 (the root plus at least one draft)")
-        most = cls.max_tree_nodes(s, k) + 1
-        if n > most:
-            raise ValueError(f"{where} {text!r}: draft_tokens {n} exceeds what {s} steps of topk {k} can offer "
-                             f"({most} including the root)")
-        return cls(b, s, k, n)
+from .config import SpecConfig
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,28 +1,8 @@
 """Background jobs: spawn, track in SQLite, cancel, logs and metrics.
 
 `runner.JobRunner(workspace)` is the API (submit / get / status / list_jobs / cancel / resume /
-log_tail / progress / metrics); `store.JobStore` is the registry; `wrap` is the tiny parent process
-that records each job's exit status. Names are loaded lazily so that `python -m
-specforge_core.jobs.wrap` (started for every job) imports nothing it does not need.
+log_tail / progress / metrics) and `runner.jobs_command` the `specforge-wb jobs` command;
+`store.JobStore` is the registry; `wrap` is the tiny parent process that records each job's exit
+status. This package imports nothing on its own, so `python -m specforge_core.jobs.wrap` (started
+for every job) loads only what it needs.
 """
-
-from __future__ import annotations
-
-_EXPORTS = {
-    "JobRunner": "runner", "submit": "runner", "status": "runner", "cancel": "runner", "resume": "runner",
-    "list_jobs": "runner", "log_tail": "runner", "progress": "runner", "metrics": "runner",
-    "job_kinds": "runner", "cli_command": "runner",
-    "Job": "store", "JobStore": "store", "StoreError": "store",
-}
-
-
-def __getattr__(name: str):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-
-
-__all__ = sorted(_EXPORTS)

@@ -18,6 +18,9 @@ running ones. Final statuses are written back to the registry once known.
 Statuses: starting, running, finished (exit 0), failed, cancelled (exit 130 by the CLI's convention,
 or any non-zero exit after a cancel), lost (the processes are gone and no exit status was written:
 SIGKILL from outside, a reboot).
+
+`jobs_command` is the `specforge-wb jobs` command over the same registry (list, show, tail, cancel,
+resume from a terminal).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..commands import COMMANDS, Command
 from ..config import FORMAT_VERSION, ConfigError, JobConfig, build_config, config_to_argv
-from ..events import read_events
+from ..events import Events, read_events
+from .config import JobsConfig
 from .store import FINAL, LIVE, Job, JobStore
 from .wrap import CANCEL_FILE, CHILD_PID_FILE, EXIT_CODE_FILE, write_atomic
 
@@ -57,30 +62,22 @@ _CHILDREN_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------------------------------------
-# Kinds: the CLI's command table is the one source of truth
+# Kinds: the command table (`specforge_core.commands`) is the one source of truth
 # ------------------------------------------------------------------------------------------------
 def job_kinds() -> list[str]:
-    from .. import cli
-
-    cli._register_extra_commands()
-    return [c.name for c in cli.COMMANDS if c.name not in _NON_JOBS]
+    return [c.name for c in COMMANDS if c.name not in _NON_JOBS]
 
 
-def resolve_kind(kind: str):
-    """The CLI `Command` row for `kind`; a clear error listing the known kinds otherwise."""
-    from .. import cli
-
-    cli._register_extra_commands()
-    for c in cli.COMMANDS:
+def resolve_kind(kind: str) -> Command:
+    """The command-table row for `kind`; a clear error listing the known kinds otherwise."""
+    for c in COMMANDS:
         if c.name == kind and kind not in _NON_JOBS:
             return c
     raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(job_kinds())}")
 
 
 def config_class(kind: str) -> type[JobConfig]:
-    from .. import cli
-
-    return cli._resolve(resolve_kind(kind).config)
+    return resolve_kind(kind).config
 
 
 def cli_command(kind: str, config: JobConfig) -> list[str]:
@@ -483,7 +480,7 @@ class JobRunner:
 
 
 # ------------------------------------------------------------------------------------------------
-# Module-level shortcuts (one runner per workspace, per process)
+# One runner per workspace, per process (the GUI's tabs share it)
 # ------------------------------------------------------------------------------------------------
 _RUNNERS: dict[str, JobRunner] = {}
 
@@ -495,38 +492,32 @@ def runner(workspace: str | Path) -> JobRunner:
     return _RUNNERS[key]
 
 
-def submit(kind: str, config: JobConfig | dict, workspace: str | Path, nproc: int = 1, **kw: Any) -> Job:
-    return runner(workspace).submit(kind, config, nproc=nproc, **kw)
+# ------------------------------------------------------------------------------------------------
+# The `jobs` command: the registry from a terminal (e.g. cancel a GUI-started job over ssh)
+# ------------------------------------------------------------------------------------------------
+def _row(job: Job) -> dict:
+    return {"id": job.id, "kind": job.kind, "status": job.status, "exit_code": job.exit_code,
+            "duration_s": job.duration_s, "nproc": job.nproc, "job_dir": job.job_dir, "message": job.message}
 
 
-def status(job_id: str, workspace: str | Path) -> str:
-    return runner(workspace).status(job_id)
+def jobs_command(cfg: JobsConfig, events: Events) -> dict:
+    r = JobRunner(cfg.workspace)
+    try:
+        if cfg.action == "list":
+            return {"jobs": [_row(j) for j in r.list_jobs(status=cfg.status, limit=cfg.limit)]}
+        job = r.get(cfg.job_id)
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
+    if cfg.action == "show":
+        return {**job.to_dict(), "progress": r.progress(job.id)}
+    if cfg.action == "tail":
+        return {"id": job.id, "status": job.status, "log": r.log_tail(job.id, cfg.lines)}
+    if cfg.action == "cancel":
+        events.emit("cancelling", id=job.id, timeout=cfg.timeout)
+        return _row(r.cancel(job.id, timeout=cfg.timeout))
+    new = r.resume(job.id)
+    return {**_row(new), "resumed_from": job.id}
 
 
-def cancel(job_id: str, workspace: str | Path, timeout: float = 30.0) -> Job:
-    return runner(workspace).cancel(job_id, timeout=timeout)
-
-
-def resume(job_id: str, workspace: str | Path, **kw: Any) -> Job:
-    return runner(workspace).resume(job_id, **kw)
-
-
-def list_jobs(workspace: str | Path, **kw: Any) -> list[Job]:
-    return runner(workspace).list_jobs(**kw)
-
-
-def log_tail(job_id: str, workspace: str | Path, n: int = 50) -> str:
-    return runner(workspace).log_tail(job_id, n)
-
-
-def progress(job_id: str, workspace: str | Path) -> Optional[dict]:
-    return runner(workspace).progress(job_id)
-
-
-def metrics(job_id: str, workspace: str | Path, split: str | None = None) -> list[dict]:
-    return runner(workspace).metrics(job_id, split=split)
-
-
-__all__ = ["JobRunner", "Job", "runner", "submit", "status", "cancel", "resume", "list_jobs", "log_tail",
-           "progress", "metrics", "job_kinds", "resolve_kind", "config_class", "cli_command", "pid_alive", "group_running",
-           "proc_start_time", "CHILD_PID_FILE"]
+__all__ = ["JobRunner", "Job", "runner", "jobs_command", "job_kinds", "resolve_kind", "config_class", "cli_command",
+           "pid_alive", "group_running", "proc_start_time", "CHILD_PID_FILE"]

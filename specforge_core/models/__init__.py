@@ -1,1 +1,1 @@
-"""Models: the target wrapper (aux hidden states), the EAGLE3 draft, Medusa heads."""
+"""Models: the target wrapper (aux hidden states) and the EAGLE3 draft."""

@@ -26,14 +26,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
-from pydantic import Field
 
-from ..config import BuildCacheConfig, ConfigError, JobConfig, read_run_json, write_run_json
+from ..config import ConfigError, read_run_json, write_run_json
 from ..events import Events, JobCancelled
 from ..locks import OutputBusy, output_lock
+from .config import DumpConfig
 from .store import (STORE_FORMAT, STORE_KIND, StoreError, StoreWriter, bytes_per_token, estimate_bytes,
                     human_bytes, specforge_bytes_per_token, target_identity, teacher_positions, topk_rows)
 
@@ -41,66 +40,9 @@ from .store import (STORE_FORMAT, STORE_KIND, StoreError, StoreWriter, bytes_per
 _SLEEP_ENV = "SPECFORGE_DUMP_SLEEP"
 
 
-class DumpConfig(JobConfig):
-    """Dump a target's hidden states for a dataset into a compact, crash-safe store for offline training."""
-
-    target_model: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), "
-                              "a local HF directory, or a hub id")
-    output: str = Field("workspace/hidden_states", description="store directory (resumes if it exists)")
-    cache: Optional[str] = Field(None, description="a finished tokenised cache directory (from build-cache); "
-                                 "or give --train-data and it is built / found like the trainer does")
-    train_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for training")
-    eval_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for evaluation")
-    tokenizer: Optional[str] = Field(None, description="tokenizer (default: the target's)")
-    chat_template: str = Field("auto", description="chat template name or `auto`")
-    max_length: int = Field(2048, ge=8, description="max tokens per sample")
-    train_only_last_turn: bool = Field(False, description="train only on the last assistant turn")
-    cache_dir: str = Field("workspace/cache", description="tokenised-cache root")
-    num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="tokenising processes")
-    draft_vocab_size: int = Field(32000, ge=1, description="draft vocabulary size built with the cache")
-    aux_layer_ids: Optional[list[int]] = Field(None, description="target layers to capture "
-                                               "(default [1, L//2-1, L-4])")
-    # Default = the smallest option costing < 2% simulated acceptance length against bf16 storage.
-    # Measured by `.venv/bin/python bench/offline_quality.py` (its defaults: SmolLM2-135M on CPU, 80
-    # steps, 96 train / 32 eval samples): fp8 aux + top-64 teacher 3.070 vs 3.041 for bf16 (no
-    # measurable cost) at 48% of bf16's bytes. The README's "Offline hidden states" summarises it.
-    format: Literal["bfloat16", "float16", "float32", "fp8_e4m3"] = Field(
-        "fp8_e4m3", description="storage of the captured aux states: fp8_e4m3 (default; fp8 with per-row "
-        "scales, lossy), bfloat16, float16, float32 (exact, 2x the bytes of bf16); a last-hidden teacher is "
-        "kept in bf16 for fp8")
-    teacher: Literal["hidden", "topk"] = Field(
-        "topk", description="what stands for the target's distribution: topk (default; its top-k logits in "
-        "fp16 + int32 ids; training needs no lm_head; lossy) or hidden (its last hidden state; training "
-        "recomputes logits with its lm_head; exact)")
-    topk: int = Field(64, ge=1, le=4096, description="k for --teacher topk")
-    batch_tokens: int = Field(8192, ge=8, description="max padded tokens per target forward")
-    max_batch_size: int = Field(64, ge=1, description="max samples per target forward")
-    shard_mb: float = Field(256.0, gt=0, description="target size of one shard file (MiB)")
-    splits: list[Literal["train", "eval"]] = Field(["train", "eval"], description="splits to dump (eval only "
-                                                   "when the data has one)")
-    target_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="the target's compute "
-                                                                 "dtype (auto: bf16 on GPU, fp32 on CPU)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the target runs")
-    estimate: bool = Field(False, description="only print the disk estimate and stop")
-    force: bool = Field(False, description="start even when the estimate exceeds the free disk")
-    repair: bool = Field(False, description="drop corrupt / truncated shards (crc32 checked) and redo them")
-
-
-class EstimateDumpConfig(DumpConfig):
-    """The disk a dump-hidden-states run will need, before it starts (no target weights are loaded)."""
-
-
 # ------------------------------------------------------------------------------------------------
 # Pieces
 # ------------------------------------------------------------------------------------------------
-def cache_config(cfg) -> BuildCacheConfig:
-    """The BuildCacheConfig the trainer would use for these fields (so both find the same cache)."""
-    return BuildCacheConfig(
-        tokenizer=cfg.tokenizer or cfg.target_model, chat_template=cfg.chat_template, max_length=cfg.max_length,
-        train_only_last_turn=cfg.train_only_last_turn, data=cfg.train_data, eval_data=cfg.eval_data,
-        cache_dir=cfg.cache_dir, num_proc=cfg.num_proc, draft_vocab_size=cfg.draft_vocab_size)
-
-
 def _target_config(name: str):
     from transformers import AutoConfig
 
@@ -118,7 +60,7 @@ def _load_data(cfg: DumpConfig, vocab_size: int, events: Events):
         return load_cache(cfg.cache)
     if not cfg.train_data:
         raise ValueError("dump-hidden-states: give --cache (a finished tokenised cache) or --train-data")
-    cc = cache_config(cfg)
+    cc = cfg.build_cache_config()
     if cc.draft_vocab_size > vocab_size:
         cc = cc.model_copy(update={"draft_vocab_size": vocab_size})
     return load_cache(build_cache(cc, events)["path"])

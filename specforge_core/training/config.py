@@ -1,35 +1,25 @@
-"""The training job's config: one schema for `specforge-wb train`, the GUI's Train form and `run.json`."""
+"""The training jobs' configs (`train`, `export`, `check-draft`): one schema each for the CLI flags, the
+GUI's Train tab and `run.json`."""
 
 from __future__ import annotations
 
-import os
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from ..config import JobConfig
+from ..data.config import DataFields
 
 
-class TrainConfig(JobConfig):
+class TrainConfig(DataFields):
     """Train an EAGLE3 draft against a target (online: the target computes hidden states on the fly)."""
 
-    # -- what to train on --------------------------------------------------------------------------
-    target_model: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), "
-                              "a local HF directory, or a hub id")
-    train_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for training")
-    eval_data: Optional[list[str]] = Field(None, description="conversation JSONL file(s) for evaluation")
+    # -- what to train on (with DataFields: target, data, tokenising, cache, draft vocab) ----------
     train_hidden_states: Optional[str] = Field(None, description="offline training: a hidden-state store "
                                                "made by dump-hidden-states (the target's weights are not loaded)")
     eval_hidden_states: Optional[str] = Field(None, description="offline eval: a hidden-state store")
-    tokenizer: Optional[str] = Field(None, description="tokenizer (default: the target's)")
-    chat_template: str = Field("auto", description="chat template name or `auto`")
-    max_length: int = Field(2048, ge=8, description="max tokens per sample")
-    train_only_last_turn: bool = Field(False, description="train only on the last assistant turn")
-    cache_dir: str = Field("workspace/cache", description="tokenised-cache root")
-    num_proc: int = Field(max(1, min(4, os.cpu_count() or 1)), ge=1, description="tokenising processes")
 
     # -- the draft ---------------------------------------------------------------------------------
-    draft_vocab_size: int = Field(32000, ge=1, description="draft vocabulary size (capped at the target's)")
     draft_model_config: Optional[str] = Field(None, description="JSON draft config (SpecForge style) "
                                               "overriding the one derived from the target")
     aux_layer_ids: Optional[list[int]] = Field(None, description="target layers to capture "
@@ -71,3 +61,27 @@ class TrainConfig(JobConfig):
         if not self.train_data and not self.train_hidden_states:
             raise ValueError("give --train-data (online) or --train-hidden-states (offline)")
         return self
+
+
+class ExportConfig(JobConfig):
+    """Write the serving checkpoint (config.json + model.safetensors) SGLang / vLLM load, and check it."""
+
+    _positional: ClassVar[tuple[str, ...]] = ("checkpoint",)
+
+    checkpoint: str = Field(..., description="a checkpoint dir (RUN/checkpoints/step_N) or a run dir "
+                            "(meaning its latest complete checkpoint)")
+    output: str = Field(..., description="directory to write the serving checkpoint into")
+    target: Optional[str] = Field(None, description="target model to check against (`default`, a local dir, "
+                                  "or a hub id): vocab and hidden sizes must match")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the exported weights")
+    overwrite: bool = Field(False, description="replace an existing output directory")
+
+
+class CheckDraftConfig(JobConfig):
+    """Check a serving checkpoint: names, shapes, dtypes, vocab mapping, and fit to a target."""
+
+    _positional: ClassVar[tuple[str, ...]] = ("path",)
+
+    path: str = Field(..., description="serving checkpoint directory (config.json + model.safetensors)")
+    target: Optional[str] = Field(None, description="target model to check against (`default`, a local dir, "
+                                  "or a hub id)")

@@ -11,39 +11,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any
 
-from pydantic import Field
-
-from ..config import JobConfig, write_run_json
+from ..config import write_run_json
 from ..events import Events
 from ..models.checkpoints import resolve_checkpoint
 from ..models.registry import family_for, guess_family
 from ..models.serving import CONFIG_FILE, MODEL_FILE, check_draft_dir, load_target_config, write_draft_dir
-
-
-class ExportConfig(JobConfig):
-    """Write the serving checkpoint (config.json + model.safetensors) SGLang / vLLM load, and check it."""
-
-    _positional: ClassVar[tuple[str, ...]] = ("checkpoint",)
-
-    checkpoint: str = Field(..., description="a checkpoint dir (RUN/checkpoints/step_N) or a run dir "
-                            "(meaning its latest complete checkpoint)")
-    output: str = Field(..., description="directory to write the serving checkpoint into")
-    target: Optional[str] = Field(None, description="target model to check against (`default`, a local dir, "
-                                  "or a hub id): vocab and hidden sizes must match")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the exported weights")
-    overwrite: bool = Field(False, description="replace an existing output directory")
-
-
-class CheckDraftConfig(JobConfig):
-    """Check a serving checkpoint: names, shapes, dtypes, vocab mapping, and fit to a target."""
-
-    _positional: ClassVar[tuple[str, ...]] = ("path",)
-
-    path: str = Field(..., description="serving checkpoint directory (config.json + model.safetensors)")
-    target: Optional[str] = Field(None, description="target model to check against (`default`, a local dir, "
-                                  "or a hub id)")
+from .config import CheckDraftConfig, ExportConfig
 
 
 def check_draft(cfg: CheckDraftConfig, events: Events) -> dict:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..config import BuildCacheConfig, ConfigError, write_run_json
+from ..config import ConfigError, write_run_json
 from ..data.batches import Batch
 from ..events import Events, JobCancelled
 from ..locks import OutputBusy, output_lock
@@ -51,18 +51,11 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
     return f
 
 
-def _cache_config(cfg: TrainConfig) -> BuildCacheConfig:
-    return BuildCacheConfig(
-        tokenizer=cfg.tokenizer or cfg.target_model, chat_template=cfg.chat_template, max_length=cfg.max_length,
-        train_only_last_turn=cfg.train_only_last_turn, data=cfg.train_data, eval_data=cfg.eval_data,
-        cache_dir=cfg.cache_dir, num_proc=cfg.num_proc, draft_vocab_size=cfg.draft_vocab_size)
-
-
 def load_training_data(cfg: TrainConfig, info: DistInfo, events: Events, target_vocab_size: int):
     """Build (rank 0) or wait for (others) the tokenised cache, then load it."""
     from ..data.cache import build_cache, load_cache
 
-    cache_cfg = _cache_config(cfg)
+    cache_cfg = cfg.build_cache_config()
     if cache_cfg.draft_vocab_size > target_vocab_size:
         cache_cfg = cache_cfg.model_copy(update={"draft_vocab_size": target_vocab_size})
         events.warning(f"draft_vocab_size {cfg.draft_vocab_size} > target vocab {target_vocab_size}; "

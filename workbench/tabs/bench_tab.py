@@ -52,13 +52,13 @@ EVAL_PATH_FIELDS = ("draft", "prompts", "output")
 
 
 def _bench_cls():
-    from specforge_core.evaluate.bench import BenchConfig
+    from specforge_core.evaluate.config import BenchConfig
 
     return BenchConfig
 
 
 def _reference_cls():
-    from specforge_core.evaluate.refserver import ServeReferenceConfig
+    from specforge_core.evaluate.config import ServeReferenceConfig
 
     return ServeReferenceConfig
 

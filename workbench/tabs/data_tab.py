@@ -33,7 +33,7 @@ STATS_MAX_ROWS = 2000
 
 
 def _prepare_cls():
-    from specforge_core.config import PrepareDataConfig
+    from specforge_core.data.config import PrepareDataConfig
 
     return PrepareDataConfig
 

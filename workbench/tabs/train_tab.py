@@ -205,7 +205,7 @@ def poll_train(workspace: str | Path, job_id: Optional[str]):
 
 def export_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optional[str]]:
     """Submit `export` of the job's run (its latest checkpoint) into RUN/serving; (message, job id)."""
-    from specforge_core.training.export import ExportConfig
+    from specforge_core.training.config import ExportConfig
 
     if not job_id:
         return render_message("start (or pick) a training run first", ok=False), None
@@ -225,7 +225,7 @@ def export_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optio
 
 def check_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optional[str]]:
     """Submit `check-draft` on the run's exported serving checkpoint; (message, job id)."""
-    from specforge_core.training.export import CheckDraftConfig
+    from specforge_core.training.config import CheckDraftConfig
 
     if not job_id:
         return render_message("start (or pick) a training run first", ok=False), None
