@@ -9,6 +9,7 @@ summary, which is printed as the last line of stdout (`--json`) or as readable t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -48,18 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_result(result, as_json: bool) -> None:
+def machine_output(cfg, as_json: bool) -> bool:
+    """True when stdout is for a program: `--json`, or a job writing JSON lines (`--format json`)."""
+    return as_json or getattr(cfg, "format", None) == "json"
+
+
+def _print_result(result, as_json: bool, machine: bool) -> None:
+    """The job's summary: JSON on stdout with `--json`; else readable lines, on stdout unless stdout carries
+    the job's own JSON lines (then on stderr, so `| jq` reads only JSON)."""
     if result is None:
         return
     if hasattr(result, "to_dict"):
         result = result.to_dict()
-    if as_json or not isinstance(result, dict):
+    if as_json:
         print(json.dumps(result, ensure_ascii=False, default=str))
+        return
+    out = sys.stderr if machine else sys.stdout
+    if not isinstance(result, dict):
+        print(json.dumps(result, ensure_ascii=False, default=str), file=out)
         return
     for k, v in result.items():
         if isinstance(v, (dict, list)):
             v = json.dumps(v, ensure_ascii=False, default=str)
-        print(f"{k}: {v}")
+        print(f"{k}: {v}", file=out)
 
 
 def _run_ui(ns: argparse.Namespace) -> int:
@@ -93,8 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     events = Events(ns._events_file, echo=not ns._quiet)
     events.install_signal_handlers()
     func = cmd.resolve()
+    # Under --json stdout carries JSON only: whatever else a job prints goes to stderr (a job's own JSON
+    # lines, `--format json`, stay on stdout).
+    divert = ns._json and getattr(cfg, "format", None) != "json"
     try:
-        result = func(cfg, events)
+        with contextlib.redirect_stdout(sys.stderr) if divert else contextlib.nullcontext():
+            result = func(cfg, events)
     except JobCancelled as e:
         print(f"specforge-wb {cmd.name}: cancelled ({e}); outputs so far are kept and the job can resume",
               file=sys.stderr)
@@ -102,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"specforge-wb {cmd.name}: error: {e}", file=sys.stderr)
         return 1
-    _print_result(result, ns._json)
+    _print_result(result, ns._json, machine_output(cfg, ns._json))
     return int(getattr(result, "exit_code", 0) or 0) if not isinstance(result, dict) else int(result.get("exit_code", 0))
 
 

@@ -80,9 +80,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[JobConfig],
         else:
             kwargs["type"] = str
         if name in positional:
-            kwargs.pop("default")
-            if not field.is_required():
-                kwargs["nargs"] = "?"
+            # Optional on the command line even when the schema requires it: a `--config FILE` (how the jobs
+            # runner starts every job) may supply it, and the schema names it when neither does.
+            kwargs["nargs"] = "?"
             parser.add_argument(name, **kwargs)
         else:
             parser.add_argument(_flag(name), *getattr(cls, "_flag_aliases", {}).get(name, ()), dest=name, **kwargs)
@@ -117,7 +117,8 @@ def format_validation_error(cls: type[BaseModel], err: ValidationError, source: 
     lines = [f"invalid {cls.__name__}" + (f" from {source}" if source else "") + ":"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
-        lines.append(f"  {_flag(loc) if not source else loc}: {e['msg']}")
+        name = loc if source or loc in getattr(cls, "_positional", ()) else _flag(loc)
+        lines.append(f"  {name}: {e['msg']}")
     return "\n".join(lines)
 
 

@@ -165,14 +165,6 @@ def test_train_tab_restores_the_form_of_its_run(page, server, workspace, tmp_pat
     assert page.external_requests == [], page.external_requests
 
 
-ENGINE_POSITIONAL_BUG = (
-    "engine: the jobs runner starts every command as `specforge-wb KIND --config job_config.json ...`, and "
-    "argparse refuses commands whose config has a positional (export CHECKPOINT, check-draft PATH) before "
-    "it reads the file: 'the following arguments are required: checkpoint' (specforge_core/jobs/runner.py "
-    "submit + cli.py). The Train tab's Export and Check buttons fail until the runner passes positionals.")
-
-
-@pytest.mark.xfail(strict=True, reason=ENGINE_POSITIONAL_BUG)
 def test_train_tab_export_and_check_buttons(page, server, workspace, tmp_path):
     page.goto(server.url)
     page.get_by_role("tab", name="Train").click()

@@ -58,3 +58,17 @@ def test_engine_does_not_import_the_cli():
     offenders = [str(p.relative_to(ENGINE)) for p in ENGINE.rglob("*.py")
                  if p.name != "__main__.py" and pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+@pytest.mark.unit
+def test_positionals_can_come_from_the_config_file(tmp_path):
+    # The jobs runner starts every job as `specforge-wb KIND --config job_config.json`: a command whose
+    # config has positionals (export CHECKPOINT, check-draft PATH) must take them from the file.
+    import json
+
+    from specforge_core.cli import main
+
+    f = tmp_path / "job.json"
+    f.write_text(json.dumps({"path": str(tmp_path / "missing")}))
+    assert main(["check-draft", "--config", str(f), "--quiet"]) == 1       # ran: the dir is missing
+    assert main(["check-draft", "--quiet"]) == 2                            # no path anywhere: named
