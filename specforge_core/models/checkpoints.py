@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
+BEST = "best"          # RUN/best/step_N: the checkpoint with the best held-out simulated acceptance length
 COMPLETE = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -47,8 +48,15 @@ def latest_checkpoint(run_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
+def best_checkpoint(run_dir) -> Path | None:
+    """The run's best checkpoint by held-out simulated acceptance length (`train --keep-best`), or None."""
+    found = complete_checkpoints(Path(run_dir) / BEST)
+    return found[-1][1] if found else None
+
+
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint dir, or a run dir meaning its latest complete checkpoint; clear errors otherwise."""
+    """A checkpoint dir, or a run dir meaning its latest complete checkpoint (`RUN/best` means the best
+    one); clear errors otherwise."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such checkpoint or run directory")

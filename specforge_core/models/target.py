@@ -116,6 +116,11 @@ class Target:
     def lm_head_weight(self) -> Tensor:
         return self.model.get_output_embeddings().weight
 
+    def final_norm_weight(self) -> Tensor | None:
+        """The weight of the norm before the lm_head (None when the model has no `model.norm`)."""
+        norm = getattr(getattr(self.model, "model", None), "norm", None)
+        return getattr(norm, "weight", None)
+
     def logits_from_hidden(self, last_hidden: Tensor) -> Tensor:
         """Logits from the final normed hidden state (offline training recomputes them this way)."""
         logits = self.model.get_output_embeddings()(last_hidden)

@@ -282,6 +282,7 @@ class TargetHead:
                                  "tie it to the embedding")
             head = emb
         self.device = torch.device(device)
+        self._lookup = lookup
         self._embedding = emb.to(dtype)
         self.lm_head = head.to(dtype=dtype, device=self.device) if head is not None else None
         self.vocab_size = int((self.lm_head if self.lm_head is not None else emb).shape[0])
@@ -290,6 +291,16 @@ class TargetHead:
 
     def embedding_weight(self) -> Tensor:
         return self._embedding
+
+    def lm_head_weight(self) -> Tensor | None:
+        return self.lm_head
+
+    def final_norm_weight(self) -> Tensor | None:
+        """The target's final norm weight, read from its files (None when they do not hold one)."""
+        if not self._lookup:
+            return None
+        return _read_tensor({k: f for k, f in self._lookup.items() if k in ("model.norm.weight", "norm.weight")},
+                            ("norm.weight",))
 
     def logits_from_hidden(self, last_hidden: Tensor) -> Tensor:
         if self.lm_head is None:

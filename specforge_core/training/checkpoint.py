@@ -101,15 +101,15 @@ def restore_rng(rng: dict) -> None:
 
 
 def save_checkpoint(run_dir, step: int, model_state: dict, opt, sched, extra: dict, config: dict,
-                    keep_last: int, is_main: bool) -> Path | None:
-    """Write `run_dir/checkpoints/step_{step:08d}` atomically; keep the newest `keep_last`.
+                    keep_last: int, is_main: bool, subdir: str = CHECKPOINTS) -> Path | None:
+    """Write `run_dir/<subdir>/step_{step:08d}` atomically; keep the newest `keep_last` there.
 
     Non-main ranks do nothing (the model is replicated; rank 0's copy is the checkpoint)."""
     if not is_main:
         return None
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / CHECKPOINTS
+    root = Path(run_dir) / subdir
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}_", dir=root))

@@ -51,6 +51,12 @@ class TrainConfig(DataFields):
     eval_max_samples: int = Field(256, ge=1, description="cap on eval samples per evaluation")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = at the end and on cancel)")
     keep_last: int = Field(2, ge=1, description="checkpoints to keep")
+    keep_best: bool = Field(True, description="also keep the checkpoint with the best held-out simulated "
+                            "acceptance length in RUN/best (needs eval data and --eval-every)")
+    early_stop_patience: int = Field(0, ge=0, description="stop after this many evaluations without a better "
+                                     "held-out simulated acceptance length (0 = never)")
+    init_from_target: bool = Field(False, description="warm start: the draft's lm_head from the target's "
+                                   "lm_head rows of the draft vocabulary, its final norm from the target's")
     report_to: list[Literal["none", "wandb", "tensorboard"]] = Field(["none"], description="trackers "
                                                                      "besides metrics.jsonl")
     wandb_project: str = Field("specforge-wb", description="wandb project")

@@ -27,6 +27,7 @@ from ..data.batches import Batch
 from ..events import Events, JobCancelled
 from ..locks import OutputBusy, output_lock
 from .batches import EpochBatches
+from ..models.checkpoints import BEST, best_checkpoint
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
@@ -141,7 +142,7 @@ def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bo
         check_store_matches(run, layer_ids=cfg.aux_layer_ids, where=where)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     ev_store = HiddenStateStore(cfg.eval_hidden_states) if cfg.eval_hidden_states else store
-    need_head = store.teacher != "topk" or ev_store.teacher != "topk"
+    need_head = store.teacher != "topk" or ev_store.teacher != "topk" or cfg.init_from_target
     head = TargetHead(name, dtype=dtype, device=info.device, layer_ids=run["layer_ids"],
                       pad_token_id=run.get("pad_token_id"), lm_head=need_head)
     check_store_matches(run, vocab_size=head.vocab_size, where=where)
@@ -252,6 +253,8 @@ def build_draft_model(cfg: TrainConfig, target, data, device: torch.device):
     draft = build_draft(draft_config)
     draft.load_embedding(target.embedding_weight())
     draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    if cfg.init_from_target:
+        warm_start(draft, target, vocab)
     return draft.to(device), draft_config
 
 
@@ -265,6 +268,8 @@ class TrainState:
     step: int = 0     # optimizer steps taken
     epoch: int = 0
     micro: int = 0    # micro-batches of `epoch` consumed; reaching batches_per_epoch rolls to the next epoch
+    best: float | None = None   # best held-out simulated acceptance length so far (RUN/best holds it)
+    since_best: int = 0         # evaluations since it improved (early stopping)
 
 
 @dataclass
@@ -312,7 +317,8 @@ def resume(run: Run) -> TrainState:
     run.sched.load_state_dict(ck["scheduler_state"])
     restore_rng(ck["rng"])
     st = ck["trainer_state"]
-    state = TrainState(step=st["step"], epoch=st["epoch"], micro=st["micro"])
+    state = TrainState(step=st["step"], epoch=st["epoch"], micro=st["micro"], best=st.get("best"),
+                       since_best=st.get("since_best", 0))
     run.tracker.truncate_after(state.step)
     run.events.emit("resumed", checkpoint=str(last), step=state.step, epoch=state.epoch, micro=state.micro)
     return state
@@ -324,6 +330,38 @@ def checkpoint(run: Run, state: TrainState, reason: str) -> None:
                     keep_last=run.cfg.keep_last, is_main=run.info.is_main)
     barrier(run.info)  # rank 0 alone writes; no rank leaves the loop before the checkpoint is on disk
     run.events.emit("checkpoint", step=state.step, reason=reason)
+
+
+def keep_if_best(run: Run, state: TrainState, row: dict | None) -> bool:
+    """After an eval: save the draft to RUN/best when its simulated acceptance length is the best yet.
+    Returns True when early stopping says to stop (that many evaluations without a better one)."""
+    if row is None:
+        return False
+    metric = float(row["sim_accept_len"])
+    if state.best is None or metric > state.best:
+        state.best, state.since_best = metric, 0
+        if run.cfg.keep_best:
+            save_checkpoint(run.run_dir, state.step, run.draft.state_dict(), None, None,
+                            extra={**asdict(state), "reason": "best", "eval": row},
+                            config=run.draft_config.to_dict(), keep_last=1, is_main=run.info.is_main, subdir=BEST)
+            barrier(run.info)
+            run.events.emit("best_checkpoint", step=state.step, sim_accept_len=round(metric, 4))
+        return False
+    state.since_best += 1
+    return bool(run.cfg.early_stop_patience) and state.since_best >= run.cfg.early_stop_patience
+
+
+def warm_start(draft, target, vocab) -> None:
+    """lm_head rows and final norm from the target's: the draft starts out reading its hidden state the way
+    the target reads its own, instead of from a random projection."""
+    head = target.lm_head_weight()
+    norm = target.final_norm_weight()
+    with torch.no_grad():
+        if head is not None:
+            ids = vocab.target_ids.to(head.device)
+            draft.lm_head.weight.copy_(head[ids].to(draft.lm_head.weight))
+        if norm is not None:
+            draft.norm.weight.copy_(norm.to(draft.norm.weight))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,18 +519,26 @@ def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> 
                 micro_batches = epoch_batches(batches, state, cfg.epochs)
             if cfg.eval_every and state.step % cfg.eval_every == 0:
                 last_eval = evaluate(run, state)
+                if keep_if_best(run, state, last_eval):
+                    events.emit("early_stop", step=state.step, best_sim_accept_len=state.best,
+                                evaluations_without_gain=state.since_best)
+                    break
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                 checkpoint(run, state, "periodic")
             if events.cancelled:  # SIGTERM from a GUI cancel: save, so --resume loses nothing
                 checkpoint(run, state, "cancelled")
                 raise JobCancelled(f"stopped at step {state.step}; --resume continues from here")
-        last_eval = evaluate(run, state) or last_eval
+        final_eval = evaluate(run, state)
+        keep_if_best(run, state, final_eval)
+        last_eval = final_eval or last_eval
         checkpoint(run, state, "final")
     finally:
         tracker.close()
         cleanup(info)
     summary = {"output_dir": str(run_dir), "steps": state.step, "epochs_done": state.epoch,
                "seconds": round(time.time() - t_start, 1), "eval": last_eval,
-               "latest_checkpoint": str(latest_checkpoint(run_dir)) if info.is_main else None}
+               "latest_checkpoint": str(latest_checkpoint(run_dir)) if info.is_main else None,
+               "best_checkpoint": str(best_checkpoint(run_dir) or "") or None if info.is_main else None,
+               "best_sim_accept_len": state.best}
     events.emit("train_done", **{k: v for k, v in summary.items() if k != "eval"})
     return summary
