@@ -119,6 +119,15 @@ def convert_magpie(row: dict) -> dict:
                    f"its fields are {sorted(row)[:8]}")
 
 
+def convert_gsm8k(row: dict) -> dict:
+    """openai/gsm8k: `question`, `answer` (worked solution ending in `#### N`); no id (content hash)."""
+    q, a = row.get("question"), row.get("answer")
+    if not isinstance(q, str) or not isinstance(a, str):
+        raise RowError("missing_field", f"gsm8k row needs string 'question' and 'answer'; its fields are "
+                       f"{sorted(row)[:8]}")
+    return _with_id(row, row.get("id"), [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+
+
 def _has_conv(r: dict) -> bool:
     return isinstance(r.get("conversations"), list)
 
@@ -144,8 +153,13 @@ register(Preset(
     detect=lambda r: "uuid" in r or ("instruction" in r and "response" in r and not _has_conv(r)),
     description="Magpie Llama-3.1 Pro 300K (filtered): self-synthesised instructions and answers"))
 
+register(Preset(
+    "gsm8k", "openai/gsm8k", "train", convert_gsm8k, hub_config="main",
+    detect=lambda r: isinstance(r.get("question"), str) and isinstance(r.get("answer"), str) and not _has_conv(r),
+    description="GSM8K (train split): grade-school maths word problems with worked answers (MIT)"))
+
 # Which preset's converter to try first when a row's schema is guessed: the most specific signals first.
-_DETECT_ORDER = ("daring-anteater", "magpie", "ultrachat", "perfectblend", "sharegpt")
+_DETECT_ORDER = ("daring-anteater", "magpie", "ultrachat", "perfectblend", "gsm8k", "sharegpt")
 
 
 def detect_preset(row: Any) -> Optional[Preset]:
