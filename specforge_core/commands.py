@@ -22,6 +22,7 @@ from .evaluate.config import BenchConfig, EvaluateConfig, ServeReferenceConfig
 from .jobs.config import JobsConfig
 from .offline.config import DumpConfig, EstimateDumpConfig
 from .regen.config import RegenConfig
+from .recipes.config import RecipeConfig
 from .training.config import CheckDraftConfig, ExportConfig, TrainConfig
 
 
@@ -83,4 +84,7 @@ COMMANDS: tuple[Command, ...] = (
     # -- the job registry ----------------------------------------------------------------------------
     Command("jobs", JobsConfig, "jobs.runner:jobs_command",
             "list, show, tail, cancel or resume background jobs (the GUI's job registry)"),
+    # -- recipes -------------------------------------------------------------------------------------
+    Command("recipe", RecipeConfig, "recipes.run:recipe",
+            "list, show or run a recipe: prompts -> answers -> train -> export -> evaluate as one resumable job"),
 )

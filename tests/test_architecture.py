@@ -21,6 +21,7 @@ FLOORS: list[set[str]] = [
     {"regen", "models"},
     {"offline"},
     {"training", "evaluate"},
+    {"recipes"},                                                 # whole runs over the jobs below
     {"commands"},                                                # the one command table (reads every config)
     {"jobs"},
     {"cli"},

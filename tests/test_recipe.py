@@ -1,0 +1,82 @@
+"""Recipes (issue 13): a YAML recipe runs every stage as the engine's own jobs, records what finished,
+continues where it stopped, and refuses a finished stage whose settings changed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from specforge_core.config import ConfigError
+from specforge_core.events import null_events
+from specforge_core.recipes.config import RecipeConfig
+from specforge_core.recipes.run import STATE_FILE, list_recipes, load_recipe, recipe
+from test_train import tiny_target  # noqa: F401 - the fixture
+
+
+@pytest.mark.unit
+def test_shipped_recipes_load():
+    names = [r["name"] for r in list_recipes()]
+    assert "smollm2-cpu" in names
+    r = load_recipe("smollm2-cpu", ["data_dir=/x"])
+    assert r.prompts.sources[0].path == "/x/gsm8k_train.jsonl"
+    assert "mtbench" in r.prompts.exclude_benchmarks and r.evaluate.prompts == "mtbench"
+    with pytest.raises(ConfigError, match="no param 'nope'"):
+        load_recipe("smollm2-cpu", ["nope=1"])
+
+
+def tiny_recipe(tmp_path, target) -> str:
+    rows = [{"id": f"q{i}", "conversations": [{"role": "user", "content": f"question number {i} about cats"},
+                                               {"role": "assistant", "content": "old answer"}]} for i in range(12)]
+    rows.append(dict(rows[0], id="dup"))                                    # a duplicate prompt
+    mt = json.loads(__import__("gzip").open(__import__("specforge_core").__path__[0]
+                                            + "/assets/benchmarks/mt_bench_questions.jsonl.gz").readline())
+    rows.append({"id": "leak", "conversations": [{"role": "user", "content": mt["turns"][0]}]})  # a benchmark prompt
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = tmp_path / "eval_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "turns": [f"tell me about dogs {i}"]}) + "\n"
+                               for i in range(2)))
+    spec = {
+        "name": "tiny", "target": str(target), "chat_template": "chatml",
+        "prompts": {"sources": [{"path": str(src)}], "exclude_benchmarks": ["mtbench"]},
+        "answers": {"max_tokens": 12, "local_batch_size": 8},
+        "split": {"split_eval": 0.25},
+        "train": {"max_length": 96, "draft_vocab_size": 256, "ttt_length": 3, "lr": 3e-3, "batch_size": 2,
+                  "max_steps": 3, "eval_every": 1, "num_proc": 1, "device": "cpu"},
+        "export": {"dtype": "float32"},
+        "evaluate": {"prompts": str(prompts), "max_new_tokens": 8, "configs": ["1,2,1,3"],
+                     "fields": {"device": "cpu"}},
+    }
+    f = tmp_path / "tiny.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return str(f)
+
+
+@pytest.mark.unit
+def test_tiny_recipe_runs_every_stage_then_resumes_and_guards(tmp_path, tiny_target):  # noqa: F811
+    f = tiny_recipe(tmp_path, tiny_target)
+    out = tmp_path / "r1"
+    part = recipe(RecipeConfig(action="run", recipe=f, output=str(out), stop_after="split"), null_events())
+    assert part["stages"]["split"] == "done" and part["stages"]["train"] is None
+    state = json.loads((out / STATE_FILE).read_text())
+    assert state["stages"]["prompts"]["result"]["duplicates"] == 1
+    assert state["stages"]["prompts"]["result"]["benchmark_excluded"] == 1
+    assert state["stages"]["prompts"]["result"]["prompts"] == 12
+
+    res = recipe(RecipeConfig(action="run", recipe=f, output=str(out)), null_events())  # continues
+    assert all(v == "done" for v in res["stages"].values())
+    assert (out / "draft" / "config.json").exists() and (out / "run" / "best").is_dir()
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert [r["config"] for r in results["results"]] == ["1,2,1,3"]
+    (cal,) = res["calibration"]
+    assert cal["config"] == "1,2,1,3" and cal["simulated_heldout"] is not None and cal["in_process"] is not None
+    assert (out / "eval" / "acceptance.html").exists()
+
+    # A finished stage with other settings is refused by name; --restart-from redoes it and what follows.
+    spec = yaml.safe_load(open(f))
+    spec["train"]["lr"] = 1e-3
+    open(f, "w").write(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=r"\['train'\].*--restart-from train"):
+        recipe(RecipeConfig(action="run", recipe=f, output=str(out)), null_events())
