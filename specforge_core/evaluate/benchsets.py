@@ -2,16 +2,19 @@
 
 A set is named `name[:count][=path]`:
 
-    mtbench:80=../shared/data/mt_bench_questions.jsonl   # FastChat's question.jsonl, two turns each
-    gsm8k:200=../shared/data/gsm8k_train.jsonl            # {"question", "answer"}
-    humaneval=../shared/data/humaneval.jsonl.gz           # {"task_id", "prompt", ...}
+    mtbench:80                                            # shipped: FastChat's 80 questions, two turns each
+    gsm8k:200                                             # shipped: the GSM8K test split, {"question", "answer"}
+    humaneval                                             # shipped: OpenAI's 164 problems, {"task_id", "prompt"}
     math500:100                                           # HuggingFaceH4/MATH-500 through `datasets`
+    mtbench:80=my/question.jsonl                          # the same format from your own file
     prompts=my_prompts.jsonl                              # {"prompt"} rows or our conversation rows
 
-Each file is read in its source's own format (JSONL, .gz, JSON list or Parquet, through
-`data.readers`). Without `=path` the set comes from the hub through `datasets`; when that fails
-(offline, no `datasets`) the error says to give `=path`. `count` keeps the first `count` items,
-so two runs of the same spec send the same prompts in the same order.
+MT-bench, GSM8K (test split) and HumanEval ship with the package (`specforge_core/assets/benchmarks/`,
+licences and sources in its NOTICE.md), so those names work offline with no flag. `=path` reads a
+file instead, in its source's own format (JSONL, .gz, JSON list or Parquet, through `data.readers`).
+MATH-500 is not shipped: without `=path` it comes from the hub through `datasets`, and when that fails
+(offline, no `datasets`) the error says to give `=path`. `count` keeps the first `count` items, so two
+runs of the same spec send the same prompts in the same order.
 
 An item is a list of user turns (MT-bench has two; the second is sent after the server answered
 the first, with that answer in the context, as FastChat and SGLang's own benchmark do), an
@@ -21,7 +24,7 @@ optional system prompt, or one pre-formatted `text` sent as is.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -33,6 +36,13 @@ HUB_SOURCES: dict[str, tuple[str, Optional[str], str]] = {
     "gsm8k": ("openai/gsm8k", "main", "test"),
     "humaneval": ("openai/openai_humaneval", None, "test"),
     "math500": ("HuggingFaceH4/MATH-500", None, "test"),
+}
+# Sets shipped in the package (see assets/benchmarks/NOTICE.md): the default when no `=path` is given.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "benchmarks"
+SHIPPED: dict[str, str] = {
+    "mtbench": "mt_bench_questions.jsonl.gz",   # FastChat llm_judge, Apache-2.0
+    "gsm8k": "gsm8k_test.jsonl.gz",             # openai/grade-school-math test split, MIT
+    "humaneval": "humaneval.jsonl.gz",          # openai/human-eval, MIT
 }
 ALIASES = {"mt-bench": "mtbench", "mt_bench": "mtbench", "gsm-8k": "gsm8k", "human-eval": "humaneval",
            "human_eval": "humaneval", "math-500": "math500", "math_500": "math500",
@@ -94,7 +104,7 @@ def parse_spec(spec: str) -> BenchSpec:
     m = _SPEC_RE.match(s)
     if not s or not m:
         raise BenchmarkSetError(f"benchmark {spec!r}: expected name[:count][=path], e.g. "
-                                "mtbench:80=../shared/data/mt_bench_questions.jsonl")
+                                "mtbench:80 or prompts=my_prompts.jsonl")
     name = m.group("name").lower()
     name = ALIASES.get(name, name)
     count = None
@@ -250,6 +260,24 @@ def _from_hub(spec: BenchSpec, conv: Callable[[dict, int], BenchItem]) -> tuple[
     return hub_id, items
 
 
+def shipped_path(name: str) -> Optional[Path]:
+    """The packaged file of a shipped set (`mtbench`, `gsm8k`, `humaneval` or an alias), else None."""
+    key = name.strip().lower()
+    fname = SHIPPED.get(ALIASES.get(key, key))
+    if fname is None:
+        return None
+    path = SHIPPED_DIR / fname
+    return path if path.is_file() else None
+
+
+def prompt_source(path):
+    """A prompt file for `evaluate --prompts`: an existing file as is, else a shipped set's name
+    (`mtbench`, `gsm8k`, `humaneval`) gives its packaged file; anything else is returned unchanged."""
+    if Path(str(path)).expanduser().exists():
+        return path
+    return shipped_path(str(path)) or path
+
+
 def load_benchmark(spec: str | BenchSpec) -> BenchSet:
     """Read one benchmark set (see the module docstring)."""
     bs = parse_spec(spec) if isinstance(spec, str) else spec
@@ -257,6 +285,8 @@ def load_benchmark(spec: str | BenchSpec) -> BenchSet:
     conv = CONVERTERS[fmt]
     if bs.path is not None:
         items, source = _from_file(bs, conv, fmt), str(bs.path)
+    elif (shipped := shipped_path(bs.name)) is not None:
+        items, source = _from_file(replace(bs, path=str(shipped)), conv, fmt), str(shipped)
     else:
         source, items = _from_hub(bs, conv)
     if not items:

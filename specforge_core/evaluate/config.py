@@ -25,7 +25,7 @@ class EvaluateConfig(JobConfig):
                        "training checkpoint dir, or a run dir (its latest checkpoint)")
     prompts: str = Field(..., description="JSONL / JSON / Parquet prompts: conversation rows (the turns before "
                          "the last assistant turn are the prompt), {\"prompt\": str}, {\"turns\": [...]} (first "
-                         "turn, MT-bench style) or {\"text\": str} (already templated)")
+                         "turn, MT-bench), {\"text\": str} (templated), or a shipped set: mtbench, gsm8k, humaneval")
     tokenizer: Optional[str] = Field(None, description="tokenizer (default: the target's)")
     chat_template: str = Field("auto", description="`auto` (the tokenizer's own chat template), a named template "
                                "(chatml, llama3, ...), or `none` (prompt text tokenised as is)")

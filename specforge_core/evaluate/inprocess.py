@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..events import Events, JobCancelled
+from .benchsets import prompt_source
 from .config import EvaluateConfig
 from .spec_decode import GenerationResult, SpecConfig, SpecDecoder, acceptance_summary, greedy_generate
 
@@ -176,7 +177,7 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     target = load_target(cfg.target, dtype=dtype, device=device, layer_ids=layer_ids)
     draft, src = load_draft(cfg.draft, target=target, device=device, dtype=dtype)
     tok = load_tokenizer(cfg.tokenizer or cfg.target)
-    items = read_prompts(cfg.prompts, cfg.max_prompts, events)
+    items = read_prompts(prompt_source(cfg.prompts), cfg.max_prompts, events)
     prompts = [render_prompt(it, tok, cfg.chat_template, cfg.system_prompt) for it in items]
     stop = eos_ids(tok, target)
     events.emit("evaluate_start", target=cfg.target, draft=str(src.path), draft_kind=src.kind, prompts=len(prompts),
