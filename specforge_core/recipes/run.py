@@ -198,7 +198,7 @@ def stage_prompts(recipe: Recipe, out: Path, events: Events, resumed: bool) -> d
     if spec.max_prompts is not None:
         kept = kept[:spec.max_prompts]
     tmp = out / "prompts.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "wb") as f:
         for r in kept:
             f.write(dumps_line(r))
     os.replace(tmp, out / "prompts.jsonl")
