@@ -40,7 +40,8 @@ def tiny_recipe(tmp_path, target) -> str:
                                for i in range(2)))
     spec = {
         "name": "tiny", "target": str(target), "chat_template": "chatml",
-        "prompts": {"sources": [{"path": str(src)}], "exclude_benchmarks": ["mtbench"]},
+        "prompts": {"sources": [{"path": str(src)}], "exclude_benchmarks": ["mtbench"],
+                    "self_instruct": {"count": 8, "batch_size": 4, "max_tokens": 16, "min_chars": 1}},
         "answers": {"max_tokens": 12, "local_batch_size": 8},
         "split": {"split_eval": 0.25},
         "train": {"max_length": 96, "draft_vocab_size": 256, "ttt_length": 3, "lr": 3e-3, "batch_size": 2,
@@ -63,7 +64,9 @@ def test_tiny_recipe_runs_every_stage_then_resumes_and_guards(tmp_path, tiny_tar
     state = json.loads((out / STATE_FILE).read_text())
     assert state["stages"]["prompts"]["result"]["duplicates"] == 1
     assert state["stages"]["prompts"]["result"]["benchmark_excluded"] == 1
-    assert state["stages"]["prompts"]["result"]["prompts"] == 12
+    si = state["stages"]["prompts"]["result"]["sources"]["self_instruct"]
+    assert si["batches"] == 2 and (out / "self_instruct.jsonl").exists()
+    assert state["stages"]["prompts"]["result"]["prompts"] == 12 + si["rows"]
 
     res = recipe(RecipeConfig(action="run", recipe=f, output=str(out)), null_events())  # continues
     assert all(v == "done" for v in res["stages"].values())
@@ -80,3 +83,21 @@ def test_tiny_recipe_runs_every_stage_then_resumes_and_guards(tmp_path, tiny_tar
     open(f, "w").write(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=r"\['train'\].*--restart-from train"):
         recipe(RecipeConfig(action="run", recipe=f, output=str(out)), null_events())
+
+
+@pytest.mark.unit
+def test_self_instruct_continues_after_the_last_whole_batch(tmp_path, tiny_target):  # noqa: F811
+    from specforge_core.regen.local import LocalGenerator
+    from specforge_core.regen.selfinstruct import self_instruct, user_header_ids
+
+    gen = LocalGenerator(str(tiny_target), device="cpu", batch_size=4)
+    head = gen.tokenizer.decode(user_header_ids(gen.tokenizer))
+    assert head.rstrip().endswith("user")                      # ChatML: ...<|im_start|>user\n
+    once = tmp_path / "once.jsonl"
+    self_instruct(gen, once, 12, null_events(), max_tokens=8, min_chars=1, batch_size=4, seed=5)
+    twice = tmp_path / "twice.jsonl"
+    self_instruct(gen, twice, 4, null_events(), max_tokens=8, min_chars=1, batch_size=4, seed=5)
+    with open(twice, "a") as f:
+        f.write('{"id": "torn", "bat')                         # a write cut by a kill
+    self_instruct(gen, twice, 12, null_events(), max_tokens=8, min_chars=1, batch_size=4, seed=5)
+    assert twice.read_text() == once.read_text()

@@ -60,7 +60,10 @@ def self_instruct(generator, out: str | Path, count: int, events: Events, temper
     for b in range(done, batches):
         if events.cancelled:
             raise JobCancelled(f"self-instruct stopped after {b} of {batches} batches; run again to continue")
+        # Each batch its own seed: a continued run writes what an uninterrupted one would have.
         torch.manual_seed(seed * 1_000_003 + b)
+        if getattr(generator, "rng", None) is not None:
+            generator.rng.manual_seed(seed * 1_000_003 + b)
         replies = generator.generate_ids([header] * batch_size, max_tokens=max_tokens, temperature=temperature,
                                          top_p=top_p)
         lines = []
