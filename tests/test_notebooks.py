@@ -1,7 +1,8 @@
-"""The companion notebooks run top to bottom in a fresh kernel (the venv's Python), and are stored clean.
+"""The companion notebooks run top to bottom in a fresh kernel (the venv's Python), twice, and are stored clean.
 
 Each notebook is executed with nbclient in its own temporary working directory, so whatever it
-writes (its `workspace/`) never lands in the repository; any cell error fails the test with the
+writes (its `workspace/`) never lands in the repository, and then executed again in the same
+directory and kernel, as a user re-runs it; any cell error in either run fails the test with the
 cell's traceback. The notebooks themselves assert what they show (a run that learns, a lossless
 greedy speculative decode, an all-zero mask caught), so a broken engine fails here too. A separate
 fast test checks that the stored notebooks carry no outputs or execution counts and only reference
@@ -91,7 +92,6 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch, default_model_di
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    nb = nbformat.read(path, as_version=4)
     work = tmp_path / "run"
     work.mkdir()
     ksm = KernelSpecManager(kernel_dirs=[str(_kernel_spec_dir(tmp_path))])
@@ -103,17 +103,25 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch, default_model_di
     # thread pools on 2 cores spin against each other (observed 10x+ slowdowns), so one thread each.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = _tree(ROOT / "notebooks")
-    client = NotebookClient(nb, km=km, kernel_name="python3", timeout=600,
-                            resources={"metadata": {"path": str(work)}})
-    t0 = time.time()
+    # Users run a notebook again, top to bottom, in the same folder: the second run (same working
+    # directory, same kernel, as "Run All" again) must work as the first did, over the first's outputs.
     try:
-        client.execute()
-    except CellExecutionError as e:
-        pytest.fail(f"{path.name} failed after {time.time() - t0:.0f} s:\n{e}")
-    err = _cell_error(nb)
-    assert err is None, f"{path.name}: {err}"
+        for run in (1, 2):
+            nb = nbformat.read(path, as_version=4)
+            client = NotebookClient(nb, km=km, kernel_name="python3", timeout=600,
+                                    resources={"metadata": {"path": str(work)}})
+            t0 = time.time()
+            try:
+                client.execute()
+            except CellExecutionError as e:
+                pytest.fail(f"{path.name} run {run} failed after {time.time() - t0:.0f} s:\n{e}")
+            err = _cell_error(nb)
+            assert err is None, f"{path.name} run {run}: {err}"
+            executed = [c for c in nb.cells if c.cell_type == "code"]
+            assert all(c.get("execution_count") for c in executed), f"{path.name} run {run}: a code cell did not run"
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     # Nothing was written into the repository: all artifacts live under the temp working directory.
     assert _tree(ROOT / "notebooks") == before, f"{path.name} wrote into the repository's notebooks/"
     assert (work / "workspace").is_dir(), f"{path.name} wrote nothing into its working directory"
-    executed = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.get("execution_count") for c in executed), f"{path.name}: not every code cell ran"
