@@ -63,7 +63,7 @@ def main() -> int:
     for c in res.get("configs", []):
         print(f"  {c['config']:9s} acceptance length {c['acceptance_length'] or 0:.3f} "
               f"(SGLang's definition {c['acceptance_length_sglang'] or 0:.3f})  speedup {c['speedup'] or 0:.2f}x "
-              f"outputs differing from greedy: {c["mismatches_vs_baseline"]}")
+              f"outputs differing from greedy: {c['mismatches_vs_baseline']}")
     for c in res.get("calibration", []):
         print(f"  calibration {c['config']}: simulated (held-out) {c['simulated_heldout']}, in process "
               f"{c['in_process']}, ratio {c['ratio']}")
