@@ -256,7 +256,7 @@ class SpecDecoder:
     """EAGLE3 speculative decoding of one prompt at a time (see the module docstring).
 
     target: `models.target.Target` (its layer_ids must be the draft's aux layers);
-    draft:  `models.eagle3.Eagle3Draft` with the target's embedding loaded and d2t set.
+    draft:  an EAGLE3 draft (`models.registry.build_draft`) with the target's embedding loaded and d2t set.
     propose_override: optional `f(tokens) -> logits [draft_vocab]` that replaces the draft's logits for
         the query whose context is `tokens` (all target ids so far, drafted path included). The draft
         still runs (its keys and hidden states are used as usual); this is how the tests build an

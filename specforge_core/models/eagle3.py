@@ -640,6 +640,8 @@ FAMILY = DraftFamily(
     serving_tensors=serving_tensors,
     check_serving=check_serving,
     layer_ids=layer_ids,
+    layer_problems=servable_layer_problems,
+    layers_from_overrides=override_layer_ids,
     required_tensors=REQUIRED_TENSORS,
     optional_tensors=OPTIONAL_TENSORS,
 )

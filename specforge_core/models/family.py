@@ -29,6 +29,10 @@ class DraftFamily:
     check_serving: Callable[[dict, dict, "dict | None"], list[str]]
     # config.json dict -> the target layers the draft reads (None: the family reads no aux layers)
     layer_ids: Callable[[dict], "list[int] | None"]
+    # (capture layer ids, target layers) -> why the servers could not feed them ([] when they can)
+    layer_problems: Callable[[list[int], "int | None"], list[str]] = lambda ids, n: []
+    # a SpecForge-style draft config (JSON overrides) -> the capture layers it names, or None
+    layers_from_overrides: Callable[["dict | None"], "list[int] | None"] = lambda ov: None
     # tensors the serving file must hold, and those it may hold
     required_tensors: tuple[str, ...] = ()
     optional_tensors: tuple[str, ...] = ()

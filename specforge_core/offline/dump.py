@@ -148,7 +148,7 @@ def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
 
 
 def _dump(cfg: DumpConfig, events: Events) -> dict:
-    from ..models.eagle3 import servable_layer_problems
+    from ..models.registry import family
     from ..models.target import default_layer_ids, validate_layer_ids
 
     t0 = time.time()
@@ -156,7 +156,7 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
     tconf = _target_config(cfg.target_model)
     n_layers = int(tconf.num_hidden_layers)
     layer_ids = validate_layer_ids(cfg.aux_layer_ids, n_layers) if cfg.aux_layer_ids else default_layer_ids(n_layers)
-    problems = servable_layer_problems(layer_ids, n_layers)
+    problems = family("eagle3").layer_problems(layer_ids, n_layers)
     if problems:
         raise ValueError("--aux-layer-ids: " + "; ".join(problems))
     H = int(tconf.hidden_size)

@@ -221,9 +221,9 @@ def draft_overrides(cfg: TrainConfig) -> dict | None:
 def capture_layers(cfg: TrainConfig) -> list[int] | None:
     """The target layers to capture: --aux-layer-ids, else the ones a --draft-model-config names, else
     None (the target's default). The two must agree: one set is trained and the same set is served."""
-    from ..models.eagle3 import override_layer_ids
+    from ..models.registry import family
 
-    named = override_layer_ids(draft_overrides(cfg))
+    named = family("eagle3").layers_from_overrides(draft_overrides(cfg))
     if cfg.aux_layer_ids is not None and named is not None and list(cfg.aux_layer_ids) != named:
         raise ValueError(f"--aux-layer-ids {list(cfg.aux_layer_ids)} and the layers {cfg.draft_model_config} "
                          f"names {named} differ: the target would capture one set and the server feed the other; "
@@ -232,9 +232,9 @@ def capture_layers(cfg: TrainConfig) -> list[int] | None:
 
 
 def servable_or_raise(layer_ids: list[int], num_layers: int) -> None:
-    from ..models.eagle3 import servable_layer_problems
+    from ..models.registry import family
 
-    problems = servable_layer_problems(layer_ids, num_layers)
+    problems = family("eagle3").layer_problems(layer_ids, num_layers)
     if problems:
         raise ValueError("--aux-layer-ids: " + "; ".join(problems))
 
