@@ -18,7 +18,6 @@ about a tenth of the model's plain forward rate; the fast decoder with batch 64 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
