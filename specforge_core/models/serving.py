@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..fsutil import staged_dir
 from .checkpoints import COMPLETE, resolve_checkpoint
 from .registry import family_for, guess_family
 
@@ -224,9 +223,7 @@ def write_draft_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], *
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists; pass --overwrite to replace it, or choose another --output")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{out.name}_", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         problems = check(tmp)
@@ -238,16 +235,6 @@ def write_draft_dir(out: Path, config: dict, tensors: dict[str, torch.Tensor], *
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old_{out.name}_", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------

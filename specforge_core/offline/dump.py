@@ -31,7 +31,7 @@ import torch
 
 from ..config import ConfigError, read_run_json, write_run_json
 from ..events import Events, JobCancelled
-from ..locks import OutputBusy, output_lock
+from ..locks import output_lock
 from .config import DumpConfig
 from .store import (STORE_FORMAT, STORE_KIND, StoreError, StoreWriter, bytes_per_token, estimate_bytes,
                     human_bytes, specforge_bytes_per_token, target_identity, teacher_positions, topk_rows)
@@ -136,15 +136,8 @@ def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
     if cfg.estimate:
         return _dump(cfg, events)
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = output_lock(cfg.output, "hidden-state dump")
-        lock.__enter__()
-    except OutputBusy as e:
-        raise ConfigError(str(e)) from None
-    try:
+    with output_lock(cfg.output, "hidden-state dump", error=ConfigError):
         return _dump(cfg, events)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _dump(cfg: DumpConfig, events: Events) -> dict:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from ..config import ConfigError, build_config, write_run_json
 from ..events import Events, JobCancelled
-from ..locks import OutputBusy, output_lock
+from ..locks import output_lock
 from .config import Recipe, RecipeConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -361,12 +361,7 @@ def run_recipe(cfg: RecipeConfig, events: Events) -> dict:
             raise ConfigError(f"--{name.replace('_', '-')} {what!r}: the stages of this recipe are {stages}")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = output_lock(out, "recipe", lock_file=out / "recipe.lock")
-        lock.__enter__()
-    except OutputBusy as e:
-        raise ConfigError(str(e)) from None
-    try:
+    with output_lock(out, "recipe", lock_file=out / "recipe.lock", error=ConfigError):
         state = State(out)
         if cfg.restart_from:
             for s in stages[stages.index(cfg.restart_from):]:
@@ -403,5 +398,3 @@ def run_recipe(cfg: RecipeConfig, events: Events) -> dict:
                 "seconds_total": round(sum(float(state.stage(s).get("seconds") or 0) for s in stages), 1),
                 "seconds_this_run": round(time.time() - t0, 1),
                 "calibration": (results.get("evaluate") or {}).get("calibration")}
-    finally:
-        lock.__exit__(None, None, None)

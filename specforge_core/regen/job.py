@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 from ..config import ConfigError
 from ..events import Events, JobCancelled
-from ..locks import OutputBusy, output_lock
+from ..locks import output_lock
 from . import runinfo
 from .client import (ChatClient, SamplingParams, answer_turn, assemble, build_messages, plan_turns)
 from .config import RegenConfig
@@ -428,15 +428,8 @@ def regenerate(cfg: RegenConfig, events: Events) -> dict:
     from ..data.readers import expand_paths
 
     expand_paths(cfg.input)  # missing inputs fail before any output file is touched
-    lock = output_lock(cfg.output, "regeneration", lock_file=cfg.lock_path)
-    try:
-        lock.__enter__()
-    except OutputBusy as e:
-        raise ConfigError(str(e)) from None
-    try:
+    with output_lock(cfg.output, "regeneration", lock_file=cfg.lock_path, error=ConfigError):
         return _regenerate_locked(cfg, events)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _regenerate_locked(cfg: RegenConfig, events: Events) -> dict:

@@ -18,13 +18,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..fsutil import staged_dir
 from ..models.checkpoints import (CHECKPOINTS, COMPLETE, MODEL_FILE, STEP_RE, complete_checkpoints,  # noqa: F401
                                   latest_checkpoint, resolve_checkpoint, step_dir_name)
 
@@ -112,8 +112,8 @@ def save_checkpoint(run_dir, step: int, model_state: dict, opt, sched, extra: di
     root = Path(run_dir) / subdir
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{final.name}_", dir=root))
-    try:
+    # Same step saved again (a cancel checkpoint, then the final one after resume) replaces it whole.
+    with staged_dir(final) as tmp:
         files = []
         save_file(_tensors_for_safetensors(model_state), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         files.append(tmp / MODEL_FILE)
@@ -134,19 +134,7 @@ def save_checkpoint(run_dir, step: int, model_state: dict, opt, sched, extra: di
         (tmp / COMPLETE).write_text(f"step {int(step)}\n", encoding="utf-8")
         _fsync_file(tmp / COMPLETE)
         _fsync_dir(tmp)
-        if final.exists():
-            # Same step saved again (e.g. a cancel checkpoint, then the final one after resume):
-            # move the old one aside first, since a directory cannot be renamed over a full one.
-            old = Path(tempfile.mkdtemp(prefix=f".old_{final.name}_", dir=root))
-            os.rename(final, old / final.name)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _fsync_dir(root)
     _prune(root, keep_last, keep=final)
     return final
 

@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError, write_run_json
 from ..data.batches import Batch
 from ..events import Events, JobCancelled
-from ..locks import OutputBusy, output_lock
+from ..locks import output_lock
 from .batches import EpochBatches
 from ..models.checkpoints import BEST, best_checkpoint
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -453,15 +453,8 @@ def train(cfg: TrainConfig, events: Events) -> dict:
         return _train(cfg, events, info, t_start)
     run_dir.mkdir(parents=True, exist_ok=True)
     # One writer per run dir (rank 0 writes for all): a second `train` on it stops here, naming the first.
-    try:
-        lock = output_lock(run_dir, "training", lock_file=run_dir / "run.lock")
-        lock.__enter__()
-    except OutputBusy as e:
-        raise ConfigError(str(e)) from None
-    try:
+    with output_lock(run_dir, "training", lock_file=run_dir / "run.lock", error=ConfigError):
         return _train(cfg, events, info, t_start)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> dict:
