@@ -49,6 +49,23 @@ def normalize_address(addr: str) -> str:
     return a
 
 
+async def serve_app(app, host: str = "127.0.0.1", port: int = 0, backlog: int = 128):
+    """Start an aiohttp `app` on host:port (0 = a free port); returns (runner, site, bound port). The
+    socket is bound here, not by aiohttp, so the caller learns the port before anything connects."""
+    import socket
+
+    from aiohttp import web
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, sock, backlog=backlog)
+    await site.start()
+    return runner, site, sock.getsockname()[1]
+
+
 class ServerThread:
     """An asyncio server (anything with `async start(host, port) -> port` and `async stop()`) on its own
     event loop in a daemon thread: how tests, notebooks and benches run the project's loopback servers."""

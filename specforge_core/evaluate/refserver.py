@@ -26,7 +26,6 @@ time (a lock): the numbers are right, the throughput is a CPU's.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import uuid
@@ -34,7 +33,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 from aiohttp import web
 
-from ..asyncutil import ServerThread
+from ..asyncutil import ServerThread, serve_app
 from ..events import Events
 from .config import ServeReferenceConfig
 
@@ -370,13 +369,7 @@ class ReferenceServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        self.port = sock.getsockname()[1]
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        await web.SockSite(self.runner, sock).start()
+        self.runner, _, self.port = await serve_app(self.app, host, port)
         return self.port
 
     async def stop(self) -> None:

@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import os
 import random
-import socket
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 from ..asyncutil import ServerThread as _LoopThread
+from ..asyncutil import serve_app
 
 try:
     import orjson
@@ -265,14 +265,7 @@ class OpenAITestServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        self.port = sock.getsockname()[1]
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        self.site = web.SockSite(self.runner, sock, backlog=1024)
-        await self.site.start()
+        self.runner, self.site, self.port = await serve_app(self.app, host, port, backlog=1024)
         return self.port
 
     async def die(self) -> None:
