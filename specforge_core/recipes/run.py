@@ -338,7 +338,7 @@ def write_plot(path: Path, results: dict, table: list[dict]) -> None:
     fig.add_bar(x=[t["config"] for t in table], y=[t["in_process"] for t in table], row=1, col=3, name="in-process")
     fig.update_layout(title="recipe evaluation", height=420, width=1200)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs="cdn")
+    fig.write_html(str(path), include_plotlyjs=True)  # offline: the page carries plotly itself
 
 
 # ------------------------------------------------------------------------------------------------
