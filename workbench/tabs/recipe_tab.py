@@ -464,6 +464,7 @@ def build(ctx) -> dict:
     c["description"] = gr.HTML(view.description, elem_id="recipe-description")
     with gr.Row(equal_height=False):
         c["params"] = gr.Textbox(view.params, label="params", lines=5, max_lines=12, scale=1,
+                                 placeholder="this recipe has no params",
                                  info="the recipe's params, one name=value a line; changed ones are passed as --set",
                                  elem_id="recipe-params")
         with gr.Column(scale=2):
