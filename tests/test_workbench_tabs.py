@@ -374,15 +374,16 @@ def test_app_builds_with_every_tab(ws):
     from workbench.app import build_app, load_css
     from workbench.tabs import TAB_MODULES, load_tabs
 
-    assert TAB_MODULES[0] == "mask_tab" and {"data_tab", "train_tab", "regen_tab", "bench_tab", "jobs_tab"} <= \
-        set(TAB_MODULES)
+    assert TAB_MODULES[0] == "mask_tab" and {"data_tab", "train_tab", "regen_tab", "bench_tab", "jobs_tab",
+                                             "recipe_tab"} <= set(TAB_MODULES)
     app = build_app(ws)
     labels = [b.label for b in app.blocks.values() if isinstance(b, gr.Tab)]
     assert labels == [m.TITLE for m in load_tabs()]
     assert sum(isinstance(b, gr.Timer) for b in app.blocks.values()) >= 4
     assert ".job-badge" in load_css() and ".tok.trained" in load_css()
     ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
-    assert {"train-launch", "train-loss-plot", "jobs-table", "jobs-cancel", "data-run", "regen-launch"} <= ids
+    assert {"train-launch", "train-loss-plot", "jobs-table", "jobs-cancel", "data-run", "regen-launch",
+            "recipe-launch", "recipe-stages", "recipe-results", "recipe-calibration"} <= ids
 
 
 def test_elem_ids_are_unique(ws):
@@ -539,3 +540,145 @@ def test_train_form_is_restored_from_the_run_the_tab_shows(ws):
     # the restored values build the same config again
     assert tt.train_config(ws, tt.restored_values(ws, job.id)) == cfg
     assert tt.restored_values(ws, None) is None and tt.restored_values(ws, "nope") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipe tab (issue 13)
+# ------------------------------------------------------------------------------------------------
+TINY_RECIPE = {"name": "mini", "description": "a recipe for the tests", "target": "default",
+               "params": {"steps": 3, "data": "data/src.jsonl"},
+               "prompts": {"sources": [{"path": "${data}"}]}, "train": {"max_steps": "${steps}"}}
+
+
+def _recipe_job(ws, cfg, status="finished", job_id="20990101-000000-recipe-abc123"):
+    from specforge_core.jobs.store import Job
+    from workbench.common import job_runner
+
+    job = Job(id=job_id, kind="recipe", config=cfg.model_dump(mode="json"), argv=[],
+              job_dir=str(ws / "jobs" / job_id), status=status, nproc=1, cwd=str(ws),
+              paths={"output": cfg.output})
+    (ws / "jobs" / job_id).mkdir(parents=True, exist_ok=True)
+    job_runner(ws).store.add(job)
+    return job
+
+
+def test_recipe_form_builds_the_config_inside_the_workspace(ws, monkeypatch):
+    import yaml
+
+    from workbench.forms import FormError
+    from workbench.tabs import recipe_tab as rt
+
+    (ws / "my").mkdir()
+    (ws / "my" / "mini.yaml").write_text(yaml.safe_dump(TINY_RECIPE, sort_keys=False))
+    (ws / "configs").mkdir()
+    (ws / "configs" / "train.yaml").write_text("lr: 0.001\n")              # a train config: not a recipe
+    assert rt.recipe_choices(ws)[0] == "smollm2-cpu" and rt.workspace_recipes(ws) == ["my/mini.yaml"]
+
+    v = rt.recipe_view(ws, "smollm2-cpu")
+    assert "name: smollm2-cpu" in v.yaml and v.output == "recipes/smollm2-cpu" and "2-core CPU" in v.description
+    assert "data_dir=../shared/data" in v.params.splitlines() and "epochs=8" in v.params.splitlines()
+    assert v.stages == ["prompts", "answers", "split", "dump", "train", "export", "evaluate"]
+    mine = rt.recipe_view(ws, "my/mini.yaml")
+    assert mine.params == "steps=3\ndata=data/src.jsonl" and "dump" not in mine.stages
+    assert "mask-error" in rt.recipe_view(ws, "nope").description
+
+    # Only changed params become --set; the output defaults to recipes/<name>, resolved in the workspace.
+    cfg = rt.recipe_config(ws, "smollm2-cpu", "", v.params.replace("epochs=8", "epochs=2"), "", "")
+    assert cfg.action == "run" and cfg.recipe == "smollm2-cpu" and cfg.set == ["epochs=2"]
+    assert cfg.output == str((ws / "recipes" / "smollm2-cpu").resolve())
+    assert cfg.restart_from is None and cfg.stop_after is None
+    cfg = rt.recipe_config(ws, "my/mini.yaml", "out/m", "steps = 5\n# a comment\n", "train", "export")
+    assert cfg.recipe == str((ws / "my" / "mini.yaml").resolve()) and cfg.set == ["steps=5"]
+    assert (cfg.restart_from, cfg.stop_after) == ("train", "export") and cfg.output == str((ws / "out" / "m").resolve())
+
+    def errors(*vals):
+        with pytest.raises(FormError) as e:
+            rt.recipe_config(ws, *vals)
+        return e.value.errors
+
+    assert "not a param" in errors("my/mini.yaml", "", "nope=1", "", "")["set"]
+    assert "not name=value" in errors("my/mini.yaml", "", "steps", "", "")["set"]
+    assert "outside the workspace" in errors("my/mini.yaml", "../x", "", "", "")["output"]
+    assert "not a stage of mini" in errors("my/mini.yaml", "", "", "dump", "")["restart_from"]
+    assert "outside the workspace" in errors("/etc/passwd", "", "", "", "")["recipe"]
+    assert "neither a shipped recipe" in errors("nope", "", "", "", "")["recipe"]
+    msg, jid = rt.launch_recipe(ws, "my/mini.yaml", "../x", "", "", "")
+    assert jid is None and "--output" in msg and "outside the workspace" in msg
+
+    # A reloaded page shows the form of the run it follows; those values build the same config.
+    job = _recipe_job(ws, cfg, status="cancelled")
+    vals = rt.restored_values(ws, job.id)
+    assert vals == ["my/mini.yaml", "out/m", "steps=5\ndata=data/src.jsonl", "train", "export"]
+    assert rt.recipe_config(ws, *vals) == cfg
+    assert rt.restored_values(ws, None) is None and rt.restored_values(ws, "nope") is None
+
+    # Resume runs the same config again (without restart-from: finished stages are kept), as a new job.
+    sent = {}
+    monkeypatch.setattr(rt, "submit_job", lambda w, kind, c, resumed_from=None: sent.update(
+        kind=kind, cfg=c, resumed_from=resumed_from) or type("J", (), {"id": "new"})())
+    msg, new = rt.resume_recipe(ws, job.id)
+    assert new == "new" and sent["kind"] == "recipe" and sent["resumed_from"] == job.id
+    assert sent["cfg"]["restart_from"] is None and sent["cfg"]["set"] == ["steps=5"]
+    assert "start a recipe first" in rt.resume_recipe(ws, None)[0]
+
+
+def test_recipe_stage_table_results_and_progress(ws):
+    import time
+
+    from specforge_core.recipes.config import RecipeConfig
+    from specforge_core.recipes.run import STATE_FILE
+    from workbench.tabs import recipe_tab as rt
+
+    out = ws / "recipes" / "mini"
+    out.mkdir(parents=True)
+    now = time.time()
+    (out / STATE_FILE).write_text(json.dumps({"stages": {
+        "prompts": {"status": "done", "seconds": 7.7, "result": {"prompts": 12, "duplicates": 1,
+                                                                  "benchmark_excluded": 1}},
+        "answers": {"status": "done", "seconds": 65.0, "result": {"samples_written": 12, "ok": 10, "truncated": 2,
+                                                                   "failed": 0}},
+        "split": {"status": "done", "seconds": 0.0, "result": {"written_train": 7, "written_eval": 5}},
+        "train": {"status": "running", "started": now - 30}}}))
+    stages = ["prompts", "answers", "split", "train", "export", "evaluate"]
+    df = rt.stage_table(out, stages, live=True, now=now)
+    assert list(df["stage"]) == stages
+    assert list(df["status"]) == ["done", "done", "done", "running", "pending", "pending"]
+    assert list(df["time"]) == ["7s", "1m05s", "0s", "30s", "", ""]
+    assert df["result"][0] == "12 prompts (1 duplicates, 1 benchmark prompts removed)"
+    assert df["result"][1] == "12 answers (10 ok, 2 truncated, 0 failed)" and df["result"][2] == "7 train / 5 eval rows"
+    # a stage left "running" by a job that is no longer alive is stopped (Resume continues it)
+    assert rt.stage_table(out, stages, live=False)["status"][3] == "stopped"
+    assert rt.stage_summary("train", {"steps": 3, "best_sim_accept_len": 1.7126}) == \
+        "3 steps, best held-out sim. acceptance length 1.713"
+    res, cal = rt.results_tables(out)
+    assert res.empty and cal.empty and "No results yet" in rt.results_note(ws, out)
+
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text(json.dumps({
+        "prompts": 2, "device": "cpu", "dtype": "float32", "baseline": {"prompts": 2, "tokens_per_s": 13.9},
+        "results": [{"config": "1,2,1,3", "prompts": 2, "acceptance_length": 1.16667, "speedup": 0.8226,
+                     "tokens_per_s": 11.43}]}))
+    (out / "eval" / "calibration.json").write_text(json.dumps([
+        {"config": "1,2,1,3", "simulated_heldout": 1.62890625, "in_process": 1.16667, "ratio": 0.71623, "note": None}]))
+    (out / "eval" / "acceptance.html").write_text("<html></html>")
+    res, cal = rt.results_tables(out)
+    assert list(res["config"]) == ["baseline (no draft)", "1,2,1,3"]
+    assert list(res["acceptance length"]) == [1.0, 1.167] and list(res["speedup"]) == [1.0, 0.823]
+    assert cal.to_dict("records") == [{"config": "1,2,1,3", "simulated held-out": 1.629, "in-process": 1.167,
+                                       "ratio": 0.716, "note": ""}]
+    assert "recipes/mini/eval/acceptance.html" in rt.results_note(ws, out)
+
+    # The status card: the job's card, the current stage from its `recipe_stage` events, its own progress.
+    cfg = RecipeConfig(action="run", recipe="smollm2-cpu", output=str(out))
+    job = _recipe_job(ws, cfg, status="cancelled")
+    with open(Path(job.job_dir) / "events.jsonl", "w") as f:
+        for rec in ({"event": "recipe_stage", "stage": "split", "index": 3, "stages": 7, "status": "done"},
+                    {"event": "recipe_stage", "stage": "dump", "index": 4, "stages": 7, "status": "started"},
+                    {"event": "progress", "done": 3, "total": 12, "what": "samples"}):
+            f.write(json.dumps(rec) + "\n")
+    card, sdf, md, rdf, cdf, live = rt.poll_recipe(ws, job.id)
+    assert not live and 'data-status="cancelled"' in card and "3/12 samples" in card
+    assert 'data-stage="dump"' in card and "Stage 4 of 7" in card and "width:42.9%" in card
+    assert list(sdf["stage"]) == ["prompts", "answers", "split", "dump", "train", "export", "evaluate"]
+    assert list(sdf["status"])[3:5] == ["pending", "stopped"] and list(rdf["config"])[1] == "1,2,1,3"
+    assert "No job started yet" in rt.poll_recipe(ws, None)[0]

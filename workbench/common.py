@@ -132,9 +132,11 @@ def job_runner(workspace: str | Path):
     return runner(workspace)
 
 
-def submit_job(workspace: str | Path, kind: str, cfg: Any, nproc: int = 1):
-    """Start `kind` on `cfg` as a background job whose working directory is the workspace."""
-    return job_runner(workspace).submit(kind, cfg, nproc=int(nproc or 1), cwd=Path(workspace))
+def submit_job(workspace: str | Path, kind: str, cfg: Any, nproc: int = 1, resumed_from: str | None = None):
+    """Start `kind` on `cfg` as a background job whose working directory is the workspace (`resumed_from`:
+    the job it continues, for a job that continues by running its config again, e.g. a recipe)."""
+    return job_runner(workspace).submit(kind, cfg, nproc=int(nproc or 1), cwd=Path(workspace),
+                                        resumed_from=resumed_from)
 
 
 def start_job(workspace: str | Path, kind: str, make_config: Callable[[], Any], specs: Sequence[FieldSpec],

@@ -434,10 +434,18 @@ class JobRunner:
 
     def progress(self, job_id: str, what: str | None = None) -> Optional[dict]:
         """The latest `progress` event (optionally of one `what`), or None before the first."""
+        return self.last_event(job_id, "progress", **({"what": what} if what is not None else {}))
+
+    def last_event(self, job_id: str, event: str, **match: Any) -> Optional[dict]:
+        """The latest `event` record whose fields equal `match` (e.g. the newest `recipe_stage`), or None."""
         path = Path(self.store.get(job_id).job_dir) / EVENTS_FILE
         if not path.exists():
             return None
-        # A long run writes many events; the latest progress is nearly always in the last few KiB.
+
+        def hit(rec: dict) -> bool:
+            return rec.get("event") == event and all(rec.get(k) == v for k, v in match.items())
+
+        # A long run writes many events; the latest one is nearly always in the last few KiB.
         data, whole = _tail_bytes(path, 256 * 1024)
         lines = data.decode("utf-8", errors="replace").splitlines()
         for line in reversed(lines if whole else lines[1:]):
@@ -445,11 +453,11 @@ class JobRunner:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("event") == "progress" and (what is None or rec.get("what") == what):
+            if hit(rec):
                 return rec
         if whole:
             return None
-        recs = [r for r in read_events(path) if r.get("event") == "progress" and (what is None or r.get("what") == what)]
+        recs = [r for r in read_events(path) if hit(r)]
         return recs[-1] if recs else None
 
     def result(self, job_id: str) -> Optional[dict]:

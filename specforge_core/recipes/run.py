@@ -353,9 +353,14 @@ def recipe(cfg: RecipeConfig, events: Events) -> dict:
     return run_recipe(cfg, events)
 
 
+def recipe_stages(rec: Recipe) -> list[str]:
+    """The stages `rec` runs, in order (`dump` only when it trains offline)."""
+    return [s for s in Recipe.STAGES if not (s == "dump" and rec.dump is None)]
+
+
 def run_recipe(cfg: RecipeConfig, events: Events) -> dict:
     rec = load_recipe(cfg.recipe, cfg.set)
-    stages = [s for s in Recipe.STAGES if not (s == "dump" and rec.dump is None)]
+    stages = recipe_stages(rec)
     for name, what in (("restart_from", cfg.restart_from), ("stop_after", cfg.stop_after)):
         if what is not None and what not in stages:
             raise ConfigError(f"--{name.replace('_', '-')} {what!r}: the stages of this recipe are {stages}")

@@ -20,6 +20,7 @@ TAB_MODULES: list[str] = [
     "data_tab",
     "regen_tab",
     "train_tab",
+    "recipe_tab",
     "bench_tab",
     "jobs_tab",
 ]
