@@ -69,13 +69,16 @@ def test_fast_decoder_is_chosen_for_llama(tiny_gen):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("batch,budget_mb", [(1, 2048), (3, 2048), (64, 2048), (4, 0.1)])
-def test_fast_greedy_equals_plain_loop(tiny_gen, batch, budget_mb):
+@pytest.mark.parametrize("batch,budget_mb,reuse_prefix", [(1, 2048, True), (3, 2048, True), (3, 2048, False),
+                                                         (64, 2048, True), (4, 0.1, True)])
+def test_fast_greedy_equals_plain_loop(tiny_gen, batch, budget_mb, reuse_prefix):
     """Every scheduling path (one slot, refilled slots, more slots than prompts, a budget so small the
-    cache must shrink its slot count as prompts get longer) gives the one-sequence greedy tokens."""
+    cache must shrink its slot count as prompts get longer, with and without the shared chat-template
+    prefix computed once) gives the one-sequence greedy tokens."""
     from specforge_core.regen.local import _FastDecoder
 
     fd = _FastDecoder(tiny_gen.model, kv_budget_mb=budget_mb)
+    fd.reuse_prefix = reuse_prefix
     prompts = [tiny_gen.render(c) for c in _convs()] * 2
     prompts += [p[:-3] + p[-3:] + [100 + i] for i, p in enumerate(prompts[:3])]
     ref = [plain_greedy(tiny_gen.model, p, 20, tiny_gen.eos_ids) for p in prompts]
@@ -85,6 +88,9 @@ def test_fast_greedy_equals_plain_loop(tiny_gen, batch, budget_mb):
         got = fd.run(prompts, 20, tiny_gen.eos_ids, batch, tiny_gen._pick(0.0, 1.0))
     assert [tuple(g) for g in got] == [tuple(r) for r in ref]
     assert {r[1] for r in ref} == {"stop", "length"}  # both finish paths were exercised
+    if reuse_prefix:
+        with torch.inference_mode():
+            assert fd.shared_prefix(prompts)[0] >= 20  # the system turn and the user header
 
 
 @pytest.mark.unit
