@@ -132,6 +132,16 @@ def job_runner(workspace: str | Path):
     return runner(workspace)
 
 
+def find_job(workspace: str | Path, job_id: Optional[str]):
+    """The job `job_id` of this workspace, or None (no id, or not in the registry)."""
+    if not job_id:
+        return None
+    try:
+        return job_runner(workspace).get(job_id)
+    except KeyError:
+        return None
+
+
 def submit_job(workspace: str | Path, kind: str, cfg: Any, nproc: int = 1, resumed_from: str | None = None):
     """Start `kind` on `cfg` as a background job whose working directory is the workspace (`resumed_from`:
     the job it continues, for a job that continues by running its config again, e.g. a recipe)."""

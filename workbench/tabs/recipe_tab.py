@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..common import (InputError, duration_text, job_runner, job_status_html, latest_job, relative_name,
+from ..common import (InputError, duration_text, find_job, job_runner, job_status_html, latest_job, relative_name,
                       render_message, resolve_input, start_job, submit_job, watch_job, wire_job_panel)
 from ..forms import FormError, field_specs, parse_config_error
 from ..security import PathOutsideWorkspace, resolve_in_workspace
@@ -253,11 +253,8 @@ def resume_recipe(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Op
 def restored_values(workspace: str | Path, job_id: Optional[str]) -> Optional[list[Any]]:
     """The form values (recipe, output, params, restart from, stop after) `job_id` was started with, as the
     form shows them; None when there is no such recipe run."""
-    if not job_id:
-        return None
-    try:
-        job = job_runner(workspace).get(job_id)
-    except KeyError:
+    job = find_job(workspace, job_id)
+    if job is None:
         return None
     cfg = job.config or {}
     if job.kind != "recipe" or cfg.get("action") != "run" or not cfg.get("recipe"):

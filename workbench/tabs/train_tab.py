@@ -18,7 +18,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..common import (SAMPLE_RUN, SAMPLE_TRAIN, has_sample, job_runner, job_status_html, latest_job, read_rows,
+from ..common import (SAMPLE_RUN, SAMPLE_TRAIN, find_job, has_sample, job_runner, job_status_html, latest_job, read_rows,
                       relative_name, render_message, resolve_model_name, resolve_tokenizer, start_job, submit_job,
                       token_lengths, watch_job, wire_job_panel, workspace_transform)
 from ..forms import FieldSpec, FormError, SchemaForm, component_value, render_errors
@@ -62,11 +62,8 @@ def restored_values(workspace: str | Path, job_id: Optional[str]) -> Optional[li
     them (workspace paths relative again); None when there is no such job. A field the saved config
     lacks (a run from an older version) keeps the GUI default. This is what a reloaded page shows beside
     that run's curves."""
-    if not job_id:
-        return None
-    try:
-        job = job_runner(workspace).get(job_id)
-    except KeyError:
+    job = find_job(workspace, job_id)
+    if job is None:
         return None
     saved = job.config or {}
     rel = set(PATH_FIELDS) | set(MODEL_FIELDS)
