@@ -101,3 +101,23 @@ def test_self_instruct_continues_after_the_last_whole_batch(tmp_path, tiny_targe
         f.write('{"id": "torn", "bat')                         # a write cut by a kill
     self_instruct(gen, twice, 12, null_events(), max_tokens=8, min_chars=1, batch_size=4, seed=5)
     assert twice.read_text() == once.read_text()
+
+
+@pytest.mark.unit
+def test_jobs_runner_resumes_a_recipe_by_running_it_again(tmp_path):
+    import time
+
+    from specforge_core.jobs.runner import JobRunner
+    from specforge_core.jobs.store import LIVE
+
+    r = JobRunner(tmp_path / "ws")
+    cfg = RecipeConfig(action="run", recipe="smollm2-cpu", output=str(tmp_path / "out"), restart_from="train",
+                       set=["data_dir=/nowhere"])
+    job = r.submit("recipe", cfg)
+    deadline = time.time() + 120
+    while r.get(job.id).status in LIVE and time.time() < deadline:   # it fails fast: no data at /nowhere
+        time.sleep(0.2)
+    new = r.resume(job.id)
+    assert new.kind == "recipe" and new.config["output"] == str(tmp_path / "out")
+    assert "restart_from" not in new.config or new.config["restart_from"] is None
+    assert new.config["set"] == ["data_dir=/nowhere"]

@@ -398,10 +398,15 @@ class JobRunner:
         if job.status in LIVE:
             raise ValueError(f"job {job_id} is still {job.status}; cancel it before resuming")
         cls = config_class(job.kind)
-        if "resume" not in cls.model_fields:
+        if "resume" in cls.model_fields:
+            data = {**job.config, "resume": True}
+        elif getattr(cls, "_continues_itself", False):
+            # Such a job picks up where its output stands whenever it runs (a recipe skips finished
+            # stages); a restart the first run asked for must not be repeated.
+            data = {k: v for k, v in job.config.items() if k not in getattr(cls, "_once_only", ())}
+        else:
             raise ValueError(f"{job.kind} jobs cannot resume (their config has no `resume` field); "
                              "submit the job again instead")
-        data = {**job.config, "resume": True}
         if "overwrite" in cls.model_fields:
             data["overwrite"] = False  # resuming and starting over contradict each other
         data.update(overrides or {})

@@ -19,6 +19,10 @@ class RecipeConfig(JobConfig):
     """Run, list or show recipes: one command for prompts -> answers -> train -> export -> evaluate."""
 
     _positional: ClassVar[tuple[str, ...]] = ("action", "recipe")
+    # Running the same recipe into the same output continues it (finished stages are skipped), so the
+    # jobs runner resumes a recipe job by running it again, without a restart it asked for once.
+    _continues_itself: ClassVar[bool] = True
+    _once_only: ClassVar[tuple[str, ...]] = ("restart_from",)
 
     action: Literal["list", "show", "run"] = Field("list", description="list: the shipped recipes; show: a "
                                                    "recipe's YAML; run: run (or continue) it")
