@@ -389,8 +389,15 @@ def run_recipe(cfg: RecipeConfig, events: Events) -> dict:
             events.emit("recipe_stage", stage=s, index=i + 1, stages=len(stages), status="started")
             started = time.time()
             state.mark(s, status="running", started=st.get("started", started))
-            res = STAGE_FUNCS[s](rec, out, events, st.get("status") == "running")
-            secs = round(time.time() - started, 1) + float(st.get("seconds", 0) or 0)
+            before = float(st.get("seconds", 0) or 0)
+            try:
+                res = STAGE_FUNCS[s](rec, out, events, st.get("status") == "running")
+            except BaseException:
+                # A stopped stage keeps the time it ran, so the total says what the recipe cost (a SIGKILL
+                # cannot be caught: that run's share of the stage is lost from the count).
+                state.mark(s, seconds=round(before + time.time() - started, 1))
+                raise
+            secs = round(time.time() - started + before, 1)
             state.mark(s, status="done", finished=time.time(), seconds=secs, fingerprint=_fingerprint(rec, s),
                        result=json.loads(json.dumps(res, default=str)))
             results[s] = res
