@@ -62,7 +62,7 @@ class _FastDecoder:
     queue is drained and at most half the slots are still busy.
     """
 
-    def __init__(self, model, kv_budget_mb: float = 2048):
+    def __init__(self, model, kv_budget_mb: float = 3072):
         import torch
 
         cfg = model.config
@@ -378,7 +378,7 @@ def _top_p_filter(logits, top_p: float):
 
 class LocalGenerator:
     def __init__(self, model: str = "default", device: str = "auto", batch_size: int = 8, seed: int = 0,
-                 decoder: str = "auto", kv_budget_mb: float = 2048):
+                 decoder: str = "auto", kv_budget_mb: float = 3072):
         """`decoder`: auto (fast when the architecture allows, else hf), fast, or hf."""
         import torch
         from transformers import AutoModelForCausalLM
