@@ -12,8 +12,13 @@ Two decoders:
       one-sequence greedy loop (tests/test_regen_local.py checks this against HF `generate`).
   hf (any other model, or `decoder="hf"`): HF `generate` in left-padded batches of `batch_size`.
 
-Measured on the 2-core CPU with SmolLM2 (bench/regen_local.py): HF generate in batches of 8 reaches
-about a tenth of the model's plain forward rate; the fast decoder with batch 64 reaches about half or more.
+Measured on the shared 2-core CPU with SmolLM2, GSM8K prompts, max 256 tokens, 1 torch thread
+(bench/regen_local.py, forward = batch 8 x 256 in the same process): HF generate in batches of 8 made
+28.5 generated tokens/s = 0.11 of the forward rate; the fast decoder at batch 64 made 107 tokens/s =
+0.41 (0.61 counting the prompt tokens it also runs), with the same tokens. Decode is bound by GEMM
+efficiency at small batch (bigger batches help: per-step decode rate 0.37 of forward at 64 slots,
+0.48 at 96) and by memory bandwidth for attention over the fp32 cache. Under CPU contention keep
+torch at 1 thread (OMP_NUM_THREADS=1): 2 threads on an oversubscribed 2-core box is several times slower.
 """
 
 from __future__ import annotations
