@@ -23,9 +23,8 @@ torch at 1 thread (OMP_NUM_THREADS=1): 2 threads on an oversubscribed 2-core box
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 FAST_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -36,10 +35,10 @@ class LocalReply:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    reasoning: Optional[str] = None
+    reasoning: str | None = None
 
 
-def fast_decoder_supported(config) -> Optional[str]:
+def fast_decoder_supported(config) -> str | None:
     """None when `_FastDecoder` reproduces this model's forward; else the reason it does not."""
     mt = getattr(config, "model_type", None)
     if mt not in FAST_MODEL_TYPES:
@@ -253,12 +252,12 @@ class _FastDecoder:
     # scheduling
     # -------------------------------------------------------------------------------------------
     def run(self, prompts: list[list[int]], max_tokens: int, eos_ids: list[int], batch_size: int,
-            pick: Callable, should_stop=None, on_done=None) -> list[Optional[tuple[list[int], str]]]:
+            pick: Callable, should_stop=None, on_done=None) -> list[tuple[list[int], str] | None]:
         """Generate for every prompt; returns (tokens without the end token, finish reason) per prompt,
         None for those not finished when `should_stop()` turned True (polled every step).
         `pick(logits [n, vocab]) -> LongTensor [n]` chooses the next tokens."""
         torch = self.torch
-        results: list[Optional[tuple[list[int], str]]] = [None] * len(prompts)
+        results: list[tuple[list[int], str] | None] = [None] * len(prompts)
         if max_tokens <= 0:
             return [([], "length") for _ in prompts]
         eos = set(eos_ids)
@@ -445,7 +444,7 @@ class LocalGenerator:
             raw = self._generate_fast(prompts, max_tokens, temperature, top_p, should_stop)
         else:
             raw = self._generate_hf(prompts, max_tokens, temperature, top_p, should_stop)
-        replies: list[Optional[LocalReply]] = []
+        replies: list[LocalReply | None] = []
         for p, r in zip(prompts, raw):
             if r is None:
                 replies.append(None)
@@ -498,7 +497,7 @@ class LocalGenerator:
                 p = prompts[i]
                 ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[r, width - len(p):] = 1
-            kw = dict(max_new_tokens=max_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
+            kw = {"max_new_tokens": max_tokens, "pad_token_id": self.pad_id, "eos_token_id": self.eos_ids}
             if temperature > 0:
                 kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             else:
