@@ -125,7 +125,8 @@ def magpie_rows(n: int, seed: int, batch: int, max_tokens: int, temperature: flo
                 continue
             if dd.keep([q]):
                 rows.append({"id": f"magpie-{seed}-{len(rows)}", "conversations": [{"role": "user", "content": q}]})
-        print(f"magpie: {len(rows)}/{n} kept of {stats['sampled']} sampled, {time.time() - t0:.0f}s", flush=True)
+        print(f"magpie: {min(len(rows), n)}/{n} kept ({len(rows)} so far) of {stats['sampled']} sampled, "
+              f"{time.time() - t0:.0f}s", flush=True)
     return rows[:n], {**stats, **dd.dropped}
 
 
