@@ -42,8 +42,8 @@ def benchmark_texts() -> list[str]:
     out = []
     p = DATA / "mt_bench_questions.jsonl"
     if p.exists():
-        for line in open(p):
-            out += [norm(t) for t in json.loads(line)["turns"]]
+        with open(p) as f:
+            out += [norm(t) for line in f for t in json.loads(line)["turns"]]
     p = DATA / "humaneval.jsonl.gz"
     if p.exists():
         with gzip.open(p, "rt") as f:
@@ -74,7 +74,9 @@ class Dedup:
 def base_rows(n_gsm8k: int, seed: int) -> tuple[list[dict], dict]:
     dd = Dedup()
     rows = []
-    for c in json.load(open(DATA / "sharegpt_sample.json")):
+    with open(DATA / "sharegpt_sample.json") as f:
+        sharegpt = json.load(f)
+    for c in sharegpt:
         conv = [{"role": ROLES[t["from"]], "content": t["value"]} for t in c["conversations"]
                 if t["from"] in ROLES]
         users = [t["content"] for t in conv if t["role"] == "user"]
@@ -123,7 +125,8 @@ def magpie_rows(n: int, seed: int, batch: int, max_tokens: int, temperature: flo
                 continue
             if dd.keep([q]):
                 rows.append({"id": f"magpie-{seed}-{len(rows)}", "conversations": [{"role": "user", "content": q}]})
-        print(f"magpie: {len(rows)}/{n} kept of {stats['sampled']} sampled, {time.time() - t0:.0f}s", flush=True)
+        print(f"magpie: {min(len(rows), n)}/{n} kept ({len(rows)} so far) of {stats['sampled']} sampled, "
+              f"{time.time() - t0:.0f}s", flush=True)
     return rows[:n], {**stats, **dd.dropped}
 
 
@@ -145,14 +148,14 @@ def main(argv=None) -> int:
     else:
         existing = []
         for p in args.exclude:
-            for line in open(p):
-                existing += [t["content"] for t in json.loads(line)["conversations"] if t["role"] == "user"]
+            with open(p) as f:
+                existing += [t["content"] for line in f for t in json.loads(line)["conversations"]
+                             if t["role"] == "user"]
         rows, stats = magpie_rows(args.n, args.seed, args.batch, args.max_tokens, args.temperature, args.top_p,
                                   existing)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     print(json.dumps({"out": args.out, "rows": len(rows), **stats}))
     return 0
 

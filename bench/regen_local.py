@@ -74,7 +74,6 @@ def run_decoder(gen, prompts: list[list[int]], max_tokens: int) -> dict:
 
 def profile_fast(gen, prompts: list[list[int]], max_tokens: int) -> dict:
     """Op-level breakdown of the fast decoder, grouped by the decoder's own pieces."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     fd = gen._fast

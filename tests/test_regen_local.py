@@ -9,8 +9,8 @@ import pytest
 PROMPTS = [
     "What is 12 times 7?",
     "Write a haiku about the sea.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
+    ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+     "How many clips did Natalia sell altogether in April and May?"),
     "Hi",
     "Explain in two sentences why the sky is blue, and then give one everyday example of the same effect.",
 ]
@@ -40,9 +40,8 @@ def plain_greedy(model, prompt: list[int], max_tokens: int, eos: list[int]) -> t
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, smol_tokenizer):
     import torch
-    from transformers import LlamaForCausalLM
-
     from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = tiny_llama_config(vocab_size=len(smol_tokenizer), hidden_size=64, num_hidden_layers=2,
