@@ -178,3 +178,12 @@ def test_smollm2_fast_greedy_equals_hf_generate(default_model_dir):
         ref, ref_finish = (out, "length") if cut is None else (out[:cut], "stop")
         assert toks == ref, gen.tokenizer.decode(toks) + " != " + gen.tokenizer.decode(ref)
         assert finish == ref_finish
+
+
+@pytest.mark.unit
+def test_replies_are_reported_as_each_one_finishes(tiny_gen):
+    # The regeneration job writes each sample when its reply is done, not after the whole call.
+    seen = []
+    replies = tiny_gen.generate(_convs(), max_tokens=12, on_reply=lambda i, r: seen.append((i, r)))
+    assert sorted(i for i, _ in seen) == list(range(len(replies)))
+    assert all(replies[i] is r for i, r in seen)

@@ -395,19 +395,18 @@ def _local_window(units: list[Unit], cfg: RegenConfig, events: Events, gen, sink
         if not active:
             return
         convs = [build_messages(s["kept"], s["slots"], s["answers"], step) for s in active]
-        replies = gen.generate(convs, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                               stop=cfg.stop, disable_thinking=cfg.reasoning == "disable",
-                               should_stop=lambda: events.cancelled)
-        if events.cancelled:
-            raise JobCancelled("cancelled between batches")
-        for s, r in zip(active, replies):
+
+        def take(i: int, r) -> None:
+            # Each reply as it is done: a sample whose last turn this was is written at once, so progress
+            # shows and a killed run loses only what was still decoding.
+            s = active[i]
             sink.st.requests += 1
             turn = answer_turn(r, cfg.reasoning)
             if not turn["content"].strip():
                 s["alive"] = False
                 sink.fail(s["u"], f"turn {step + 1}/{len(s['slots'])}: empty answer (finish_reason "
                           f"{r.finish_reason})", "local", 1)
-                continue
+                return
             s["answers"].append(turn)
             s["finishes"].append(r.finish_reason)
             s["ptok"] += r.prompt_tokens
@@ -415,6 +414,12 @@ def _local_window(units: list[Unit], cfg: RegenConfig, events: Events, gen, sink
             if len(s["answers"]) == len(s["slots"]):
                 sink.ok(s["u"], assemble(s["kept"], s["slots"], s["answers"]), s["finishes"], "local", name,
                         s["ptok"], s["ctok"])
+
+        gen.generate(convs, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                     stop=cfg.stop, disable_thinking=cfg.reasoning == "disable",
+                     should_stop=lambda: events.cancelled, on_reply=take)
+        if events.cancelled:
+            raise JobCancelled("cancelled between batches")
         step += 1
 
 

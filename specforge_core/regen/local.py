@@ -300,7 +300,7 @@ class _FastDecoder:
             slot_req[s] = -1
             lens[s] = 0
             if on_done is not None:
-                on_done(i)
+                on_done(i, results[i])
 
         def accept(slots: list[int], toks: list[int]):
             for s, t in zip(slots, toks):
@@ -431,32 +431,39 @@ class LocalGenerator:
 
     def generate(self, conversations: list[list[dict]], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, disable_thinking: bool = False,
-                 should_stop=None) -> list[LocalReply]:
+                 should_stop=None, on_reply=None) -> list[LocalReply]:
         """One reply per conversation, in input order. `should_stop()` is polled between decode steps
-        (fast decoder) or batches (hf); when it returns True the unfinished replies are None."""
+        (fast decoder) or batches (hf); when it returns True the unfinished replies are None.
+        `on_reply(index, reply)` is called as each reply is done (out of order), so a caller can write it
+        at once instead of after the whole call."""
         prompts = [self.render(m, disable_thinking) for m in conversations]
-        return self.generate_ids(prompts, max_tokens, temperature, top_p, stop, should_stop)
+        return self.generate_ids(prompts, max_tokens, temperature, top_p, stop, should_stop, on_reply)
 
     def generate_ids(self, prompts: list[list[int]], max_tokens: int = 256, temperature: float = 0.0,
-                     top_p: float = 1.0, stop: list[str] | None = None, should_stop=None) -> list[LocalReply]:
+                     top_p: float = 1.0, stop: list[str] | None = None, should_stop=None,
+                     on_reply=None) -> list[LocalReply]:
         """`generate` for prompts already rendered to token ids."""
-        if self.decoder == "fast":
-            raw = self._generate_fast(prompts, max_tokens, temperature, top_p, should_stop)
-        else:
-            raw = self._generate_hf(prompts, max_tokens, temperature, top_p, should_stop)
-        replies: list[LocalReply | None] = []
-        for p, r in zip(prompts, raw):
-            if r is None:
-                replies.append(None)
-                continue
+        replies: list[LocalReply | None] = [None] * len(prompts)
+
+        def done(i: int, r) -> None:
             toks, finish = r
             text = self.tokenizer.decode(toks, skip_special_tokens=True)
             for s in stop or []:
                 j = text.find(s)
                 if j >= 0:
                     text, finish = text[:j], "stop"
-            replies.append(LocalReply(content=text, finish_reason=finish, prompt_tokens=len(p),
-                                      completion_tokens=len(toks)))
+            replies[i] = LocalReply(content=text, finish_reason=finish, prompt_tokens=len(prompts[i]),
+                                    completion_tokens=len(toks))
+            if on_reply is not None:
+                on_reply(i, replies[i])
+
+        if self.decoder == "fast":
+            raw = self._generate_fast(prompts, max_tokens, temperature, top_p, should_stop, done)
+        else:
+            raw = self._generate_hf(prompts, max_tokens, temperature, top_p, should_stop, done)
+        for i, r in enumerate(raw):  # results a decoder returned without reporting them (max_tokens 0)
+            if r is not None and replies[i] is None:
+                done(i, r)
         return replies
 
     def _pick(self, temperature: float, top_p: float):
@@ -473,14 +480,14 @@ class LocalGenerator:
 
         return sample
 
-    def _generate_fast(self, prompts, max_tokens, temperature, top_p, should_stop):
+    def _generate_fast(self, prompts, max_tokens, temperature, top_p, should_stop, done):
         import torch
 
         with torch.inference_mode():
             return self._fast.run(prompts, max_tokens, self.eos_ids, self.batch_size,
-                                  self._pick(temperature, top_p), should_stop)
+                                  self._pick(temperature, top_p), should_stop, on_done=done)
 
-    def _generate_hf(self, prompts, max_tokens, temperature, top_p, should_stop):
+    def _generate_hf(self, prompts, max_tokens, temperature, top_p, should_stop, done):
         """HF `generate` in left-padded batches of `batch_size`, prompts sorted by length."""
         import torch
 
@@ -513,4 +520,5 @@ class LocalGenerator:
                         toks, finish = toks[:k], "stop"
                         break
                 out_rows[i] = (toks, finish)
+                done(i, out_rows[i])
         return out_rows
