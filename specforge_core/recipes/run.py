@@ -190,7 +190,9 @@ def stage_prompts(recipe: Recipe, out: Path, events: Events, resumed: bool) -> d
             dup += 1
             continue
         seen.add(key)
-        if any(_norm(u) in bench for u in users) or any(len(b) >= 40 and b in key for b in bench):
+        # The same question, or one quoting / quoted by a benchmark question (short strings match too much).
+        if any(_norm(u) in bench for u in users) or \
+                (len(key) >= 20 and any(len(b) >= 20 and (b in key or key in b) for b in bench)):
             excluded += 1
             continue
         kept.append(r)

@@ -31,8 +31,14 @@ def user_header_ids(tokenizer) -> list[int]:
 
 
 def _clean(text: str, min_chars: int) -> str | None:
+    """The sampled request, or None when it is no request: too short, under three words (when long enough
+    to have them), or mostly not text (code dumps, symbol runs)."""
     t = text.strip()
     if len(t) < min_chars or _SENTINEL in t:
+        return None
+    if len(t) >= 12 and len(t.split()) < 3:
+        return None
+    if sum(ch.isalpha() or ch.isspace() for ch in t) < 0.6 * len(t):
         return None
     return t
 
