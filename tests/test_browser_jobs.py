@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_llama_config
-from test_browser_mask import CHROMIUM_ARGS, Server, _chromium, _screenshot, _settle
+from test_browser_mask import _screenshot, _settle, browser, new_offline_page, serve_workbench  # noqa: F401
 
 pytestmark = pytest.mark.browser
 
@@ -35,17 +35,6 @@ def _write_chat(path: Path, n: int) -> None:
             turns = [{"role": "user", "content": f"What is the capital of {country}?"},
                      {"role": "assistant", "content": f"The capital of {country} is {city}."}]
             f.write(json.dumps({"id": f"row{i}", "conversations": turns}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    exe = _chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -69,36 +58,12 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(workspace):
-    srv = Server(["workbench", "--workspace", str(workspace)], workspace.parent / "workbench_jobs.log")
-    try:
-        srv.wait()
-        yield srv
-    finally:
-        srv.stop()
-        # A job the test failed to cancel must not outlive it.
-        from specforge_core.jobs.runner import runner
-
-        r = runner(workspace)
-        for j in r.list_jobs():
-            if j.status in ("starting", "running"):
-                r.cancel(j.id, timeout=10)
+    yield from serve_workbench(workspace, workspace.parent / "workbench_jobs.log")
 
 
 @pytest.fixture
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = ctx.new_page()
-    pg.external_requests = []
-
-    def _route(route):
-        url = route.request.url
-        if url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")):
-            route.continue_()
-        else:
-            pg.external_requests.append(url)
-            route.abort()
-
-    pg.route("**/*", _route)
+def page(browser):  # noqa: F811
+    ctx, pg = new_offline_page(browser)
     yield pg
     ctx.close()
 

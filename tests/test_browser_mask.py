@@ -133,8 +133,9 @@ def demo_server(tmp_path_factory, tokenizers_ready):
         srv.stop()
 
 
-@pytest.fixture
-def page(browser):
+def new_offline_page(browser):
+    """(context, page) where the page may reach only loopback: any other request is aborted and recorded in
+    `page.external_requests`, so a test can assert the app works offline."""
     ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = ctx.new_page()
     pg.external_requests = []
@@ -148,6 +149,29 @@ def page(browser):
             route.abort()
 
     pg.route("**/*", _route)
+    return ctx, pg
+
+
+def serve_workbench(workspace: Path, log: Path):
+    """The workbench on `workspace` for a test module (a generator for a fixture to `yield from`); jobs a
+    test left running are cancelled afterwards, so none outlives the module."""
+    srv = Server(["workbench", "--workspace", str(workspace)], log)
+    try:
+        srv.wait()
+        yield srv
+    finally:
+        srv.stop()
+        from specforge_core.jobs.runner import runner
+
+        r = runner(workspace)
+        for j in r.list_jobs():
+            if j.status in ("starting", "running"):
+                r.cancel(j.id, timeout=10)
+
+
+@pytest.fixture
+def page(browser):
+    ctx, pg = new_offline_page(browser)
     yield pg
     ctx.close()
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from test_browser_jobs import _fill
-from test_browser_mask import Server, _screenshot
-from test_browser_tabs import _new_page, _pick, _value, _wait_card, browser  # noqa: F401 - the fixture
+from test_browser_mask import _screenshot, new_offline_page, serve_workbench
+from test_browser_tabs import _pick, _value, _wait_card, browser  # noqa: F401 - the fixture
 from test_recipe import tiny_recipe
 from test_train import tiny_target  # noqa: F401 - the fixture
 
@@ -36,18 +36,7 @@ def workspace(tmp_path_factory, tiny_target):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(workspace):
-    srv = Server(["workbench", "--workspace", str(workspace)], workspace.parent / "workbench_recipe.log")
-    try:
-        srv.wait()
-        yield srv
-    finally:
-        srv.stop()
-        from specforge_core.jobs.runner import runner
-
-        r = runner(workspace)
-        for j in r.list_jobs():
-            if j.status in ("starting", "running"):
-                r.cancel(j.id, timeout=10)
+    yield from serve_workbench(workspace, workspace.parent / "workbench_recipe.log")
 
 
 def _rows(pg, elem_id: str) -> list[list[str]]:
@@ -55,7 +44,7 @@ def _rows(pg, elem_id: str) -> list[list[str]]:
 
 
 def test_recipe_runs_every_stage_then_a_reload_follows_it(browser, server, workspace, tmp_path):  # noqa: F811
-    ctx, page = _new_page(browser)
+    ctx, page = new_offline_page(browser)
     try:
         page.goto(server.url)
         page.get_by_role("tab", name="Recipe").click()
@@ -94,7 +83,7 @@ def test_recipe_runs_every_stage_then_a_reload_follows_it(browser, server, works
     assert (workspace / "recipes" / "tiny" / "draft" / "config.json").is_file()
 
     # A reloaded page follows the newest recipe job and shows the form it was started with.
-    ctx, page = _new_page(browser)
+    ctx, page = new_offline_page(browser)
     try:
         page.goto(server.url)
         page.get_by_role("tab", name="Recipe").click()

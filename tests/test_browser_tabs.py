@@ -24,22 +24,11 @@ import pytest
 
 from conftest import tiny_llama_config
 from test_browser_jobs import _fill, _points, _write_chat
-from test_browser_mask import CHROMIUM_ARGS, Server, _chromium, _free_port, _screenshot
+from test_browser_mask import Server, _free_port, _screenshot, browser, new_offline_page, serve_workbench  # noqa: F401
 
 pytestmark = pytest.mark.browser
 
 RUN = "runs/tiny"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    exe = _chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _runner(ws):
@@ -76,38 +65,12 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(workspace):
-    srv = Server(["workbench", "--workspace", str(workspace)], workspace.parent / "workbench_tabs.log")
-    try:
-        srv.wait()
-        yield srv
-    finally:
-        srv.stop()
-        r = _runner(workspace)
-        for j in r.list_jobs():
-            if j.status in ("starting", "running"):
-                r.cancel(j.id, timeout=10)
-
-
-def _new_page(browser):
-    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = ctx.new_page()
-    pg.external_requests = []
-
-    def _route(route):
-        url = route.request.url
-        if url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")):
-            route.continue_()
-        else:
-            pg.external_requests.append(url)
-            route.abort()
-
-    pg.route("**/*", _route)
-    return ctx, pg
+    yield from serve_workbench(workspace, workspace.parent / "workbench_tabs.log")
 
 
 @pytest.fixture
-def page(browser):
-    ctx, pg = _new_page(browser)
+def page(browser):  # noqa: F811
+    ctx, pg = new_offline_page(browser)
     yield pg
     ctx.close()
 
@@ -331,10 +294,10 @@ def test_data_tab_upload(page, server, workspace, tmp_path):
     assert page.external_requests == [], page.external_requests
 
 
-def test_fresh_workspace_starts_with_the_sample(browser, tmp_path):
+def test_fresh_workspace_starts_with_the_sample(browser, tmp_path):  # noqa: F811
     ws = tmp_path / "fresh"
     srv = Server(["workbench", "--workspace", str(ws)], tmp_path / "fresh.log")
-    ctx, pg = _new_page(browser)
+    ctx, pg = new_offline_page(browser)
     try:
         srv.wait()
         pg.goto(srv.url)
