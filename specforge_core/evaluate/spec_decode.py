@@ -147,9 +147,11 @@ class TargetRunner:
 
     @torch.inference_mode()
     def forward(self, ids: Tensor, positions: Tensor, cache, allowed: Tensor | None = None,
-                capture: bool = True, last_only: bool = False) -> tuple[Tensor, Tensor | None]:
+                capture: bool = True, last_only: bool = False, return_hidden: bool = False):
         """ids, positions [1,n]; allowed: bool [n, n] among the new tokens (None = causal), every new
-        token sees the whole cache. Returns logits [n|1, V] (float32) and aux [n, 3H] (or None)."""
+        token sees the whole cache. Returns logits [n|1, V] (float32) and aux [n, 3H] (or None); with
+        `return_hidden` also the final normed hidden state [n|1, H] (the lm_head's input, in the target's
+        dtype: what Medusa heads read)."""
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if allowed is not None:
             S = _cache_len(cache)
@@ -177,6 +179,8 @@ class TargetRunner:
             hidden = hidden[:, -1:]
         logits = self.target.logits_from_hidden(hidden)[0].float()
         aux = torch.cat([captured[i] for i in self.layer_ids], dim=-1)[0] if capture else None
+        if return_hidden:
+            return logits, aux, hidden[0]
         return logits, aux
 
 
@@ -247,6 +251,88 @@ class DraftTree:
     parents: list[int]           # index into this list, -1 = the root (the pending token)
     depths: list[int]            # 1 = child of the root
     draft_probs: list[Optional[Tensor]] = field(default_factory=list)  # chain sampling: q over the draft vocab
+
+
+# ------------------------------------------------------------------------------------------------
+# Verification, shared by every draft family
+# ------------------------------------------------------------------------------------------------
+def verify_inputs(pending: int, tree: DraftTree, L: int, device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The verify forward's input: ids [1, 1+M] (the pending token, then the tree's nodes), position ids
+    (parent + 1) and the tree attention mask among them (None for a chain: plain causal)."""
+    M = len(tree.tokens)
+    ids = torch.tensor([[pending] + list(tree.tokens)], device=device)
+    positions = torch.tensor([[L] + [L + d for d in tree.depths]], device=device)
+    if all(p == i - 1 for i, p in enumerate(tree.parents)):
+        return ids, positions, None
+    allowed = torch.zeros(M + 1, M + 1, dtype=torch.bool, device=device)
+    allowed[:, 0] = True
+    for i in range(M):
+        allowed[i + 1, i + 1] = True
+        a = tree.parents[i]
+        while a >= 0:
+            allowed[i + 1, a + 1] = True
+            a = tree.parents[a]
+    return ids, positions, allowed
+
+
+def accept_path(tree: DraftTree, logits: Tensor, temperature: float, generator, *, sampled_chain: bool = False,
+                d2t_ids=None) -> tuple[list[int], int]:
+    """logits [1+M, V] of the verify forward (row 0 = root). Returns (accepted verify rows after the root,
+    bonus token); see the module docstring for the rules. `sampled_chain`: the drafts were sampled from
+    `tree.draft_probs` (over the draft vocab, mapped to target ids by `d2t_ids`), so min(1, p/q) applies;
+    otherwise the candidates are deterministic and the sequential per-child rule is exact."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(tree.parents):
+        children.setdefault(p + 1, []).append(i + 1)   # verify rows: root 0, node i -> i + 1
+    path: list[int] = []
+    cur = 0
+    if temperature <= 0:
+        while True:
+            want = int(torch.argmax(logits[cur]))
+            nxt = next((c for c in children.get(cur, []) if tree.tokens[c - 1] == want), None)
+            if nxt is None:
+                return path, want
+            path.append(nxt)
+            cur = nxt
+    temp = temperature
+    if sampled_chain:   # chain with sampled drafts: the standard min(1, p/q) rule
+        while True:
+            p = torch.softmax(logits[cur] / temp, -1)
+            kids = children.get(cur, [])
+            if not kids:
+                return path, int(torch.multinomial(p, 1, generator=generator))
+            c = kids[0]
+            tok = tree.tokens[c - 1]
+            q_draft = tree.draft_probs[c - 1]
+            q = torch.zeros_like(p)
+            q[d2t_ids(torch.arange(q_draft.shape[0], device=q.device))] = q_draft.to(p.dtype)
+            u = torch.rand((), generator=generator, device=p.device)
+            if float(u) < min(1.0, float(p[tok]) / max(float(q[tok]), 1e-30)):
+                path.append(c)
+                cur = c
+                continue
+            resid = (p - q).clamp_min(0)
+            resid = resid / resid.sum() if float(resid.sum()) > 0 else p
+            return path, int(torch.multinomial(resid, 1, generator=generator))
+    while True:   # deterministic candidates: sequential per-child rule
+        p = torch.softmax(logits[cur] / temp, -1)
+        accepted = None
+        for c in children.get(cur, []):   # creation order = descending draft score among siblings
+            tok = tree.tokens[c - 1]
+            u = torch.rand((), generator=generator, device=p.device)
+            if float(u) < float(p[tok]):
+                accepted = c
+                break
+            p = p.clone()
+            p[tok] = 0
+            s = float(p.sum())
+            if s <= 0:
+                break
+            p = p / s
+        if accepted is None:
+            return path, int(torch.multinomial(p, 1, generator=generator))
+        path.append(accepted)
+        cur = accepted
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,59 +463,9 @@ class SpecDecoder:
     # -- acceptance --------------------------------------------------------------------------------
     def _accept(self, tree: DraftTree, logits: Tensor, generator) -> tuple[list[int], int]:
         """logits [1+M, V] of the verify forward (row 0 = root). Returns (accepted verify rows after the
-        root, bonus token)."""
-        children: dict[int, list[int]] = {}
-        for i, p in enumerate(tree.parents):
-            children.setdefault(p + 1, []).append(i + 1)   # verify rows: root 0, node i -> i + 1
-        path: list[int] = []
-        cur = 0
-        if self.temperature <= 0:
-            while True:
-                want = int(torch.argmax(logits[cur]))
-                nxt = next((c for c in children.get(cur, []) if tree.tokens[c - 1] == want), None)
-                if nxt is None:
-                    return path, want
-                path.append(nxt)
-                cur = nxt
-        temp = self.temperature
-        if self.topk == 1:   # chain with sampled drafts: the standard min(1, p/q) rule
-            while True:
-                p = torch.softmax(logits[cur] / temp, -1)
-                kids = children.get(cur, [])
-                if not kids:
-                    return path, int(torch.multinomial(p, 1, generator=generator))
-                c = kids[0]
-                tok = tree.tokens[c - 1]
-                q_draft = tree.draft_probs[c - 1]
-                q = torch.zeros_like(p)
-                q[self.d2t_ids(torch.arange(q_draft.shape[0], device=q.device))] = q_draft.to(p.dtype)
-                u = torch.rand((), generator=generator, device=p.device)
-                if float(u) < min(1.0, float(p[tok]) / max(float(q[tok]), 1e-30)):
-                    path.append(c)
-                    cur = c
-                    continue
-                resid = (p - q).clamp_min(0)
-                resid = resid / resid.sum() if float(resid.sum()) > 0 else p
-                return path, int(torch.multinomial(resid, 1, generator=generator))
-        while True:   # tree: deterministic candidates, sequential per-child rule
-            p = torch.softmax(logits[cur] / temp, -1)
-            accepted = None
-            for c in children.get(cur, []):   # creation order = descending draft score among siblings
-                tok = tree.tokens[c - 1]
-                u = torch.rand((), generator=generator, device=p.device)
-                if float(u) < float(p[tok]):
-                    accepted = c
-                    break
-                p = p.clone()
-                p[tok] = 0
-                s = float(p.sum())
-                if s <= 0:
-                    break
-                p = p / s
-            if accepted is None:
-                return path, int(torch.multinomial(p, 1, generator=generator))
-            path.append(accepted)
-            cur = accepted
+        root, bonus token). A sampled chain (topk 1) uses min(1, p/q); trees use the sequential rule."""
+        return accept_path(tree, logits, self.temperature, generator, sampled_chain=self.topk == 1,
+                           d2t_ids=self.d2t_ids)
 
     # -- the loop ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -460,19 +496,8 @@ class SpecDecoder:
         while why is None:
             tree = self._tree(past, root_h, root_logits, L - 1, generator,
                               context=list(prompt_ids) + out if self.propose_override else ())
-            M = len(tree.tokens)
-            ids = torch.tensor([[pending] + tree.tokens], device=dev)
-            positions = torch.tensor([[L] + [L + d for d in tree.depths]], device=dev)
-            allowed = torch.zeros(M + 1, M + 1, dtype=torch.bool, device=dev)
-            allowed[:, 0] = True
-            for i in range(M):
-                allowed[i + 1, i + 1] = True
-                a = tree.parents[i]
-                while a >= 0:
-                    allowed[i + 1, a + 1] = True
-                    a = tree.parents[a]
-            chain = all(p == i - 1 for i, p in enumerate(tree.parents))
-            vlogits, vaux = runner.forward(ids, positions, cache, allowed=None if chain else allowed)
+            ids, positions, allowed = verify_inputs(pending, tree, L, dev)
+            vlogits, vaux = runner.forward(ids, positions, cache, allowed=allowed)
             path, bonus = self._accept(tree, vlogits, generator)
             res.verify_steps += 1
             res.accepted.append(len(path))
