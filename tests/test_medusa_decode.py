@@ -1,0 +1,251 @@
+"""In-process Medusa decoding: greedy is lossless (chain and tree; random, partial-oracle and oracle heads;
+several prompts and lengths; eos), oracle heads reach the maximum acceptance length, the candidate tree
+is ancestor-closed and best-first, sampling is seeded, and the summary has EAGLE3's fields."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_llama_config
+from specforge_core.evaluate import medusa_decode
+from specforge_core.evaluate.medusa_decode import MedusaDecoder, medusa_tree
+from specforge_core.evaluate.spec_decode import acceptance_summary, greedy_generate
+
+V = 512
+K = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class _StandInMedusa(nn.Module):
+    """The agreed interface of models/medusa.py, used only until that module exists on this branch."""
+
+    def __init__(self, config):
+        super().__init__()
+        H, self.vocab_size, Vd = config.hidden_size, config.vocab_size, config.draft_vocab_size
+        self.hidden_size, self.num_heads = H, config.num_heads
+        self.heads = nn.ModuleList(nn.ModuleList([nn.Linear(H, H) for _ in range(config.num_hidden_layers)]
+                                                 + [nn.Linear(H, Vd, bias=False)]) for _ in range(self.num_heads))
+        self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(self.vocab_size, dtype=torch.bool))
+
+    def to_target_ids(self, draft_ids):
+        return draft_ids + self.d2t[draft_ids]
+
+    def forward(self, hidden):
+        outs = []
+        for head in self.heads:
+            x = hidden
+            for blk in head[:-1]:
+                x = x + nn.functional.silu(blk(x))
+            outs.append(head[-1](x))
+        return torch.stack(outs)
+
+
+def _ensure_medusa_registered():
+    from specforge_core.models.registry import DRAFT_ARCHITECTURES, register_draft
+
+    if "MedusaModel" not in DRAFT_ARCHITECTURES:
+        register_draft("MedusaModel")(_StandInMedusa)
+
+
+def make_medusa(target, num_heads: int, keep: torch.Tensor | None = None, seed: int = 0) -> nn.Module:
+    """A Medusa draft over `keep` (ascending target ids; None = the full vocabulary), heads' lm_heads
+    initialised from the target's (as the family does), built through the registry."""
+    from transformers import PretrainedConfig
+
+    from specforge_core.models.registry import build_draft
+
+    _ensure_medusa_registered()
+    torch.manual_seed(seed)
+    Vd = V if keep is None else keep.numel()
+    cfg = PretrainedConfig(architectures=["MedusaModel"], hidden_size=target.hidden_size, vocab_size=V,
+                           draft_vocab_size=Vd, num_heads=num_heads, num_hidden_layers=1)
+    draft = build_draft(cfg)
+    if keep is not None:
+        t2d = torch.zeros(V, dtype=torch.bool)
+        t2d[keep] = True
+        draft.d2t.copy_(keep - torch.arange(Vd))
+        draft.t2d.copy_(t2d)
+    with torch.no_grad():
+        w = target.lm_head_weight().detach().float()
+        w = w if keep is None else w[keep]
+        for name, p in draft.named_parameters():
+            if p.shape == w.shape:
+                p.copy_(w)
+    return draft.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import LlamaForCausalLM
+
+    from specforge_core.models.target import Target
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=V, num_hidden_layers=4)).eval()
+    target = Target(model, layer_ids=[1])
+    keep = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:256].sort().values
+    reduced = make_medusa(target, K, keep)
+    full = make_medusa(target, K, None, seed=1)
+    g = torch.Generator().manual_seed(123)
+    prompts = [torch.randint(0, V, (int(torch.randint(1, 24, (), generator=g)),), generator=g).tolist()
+               for _ in range(12)]
+    return model, target, reduced, full, prompts
+
+
+def oracle_heads(target, noise: float = 0.0, seed: int = 0):
+    """Heads that know the target's greedy continuation: head i's logits peak at the token the target
+    would produce i+1 tokens after the pending one. With `noise`, Gaussian logits with a bump at the true
+    token: right at top-1 part of the time, often among the top few (tree paths off the first branch)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def f(tokens):
+        truth = greedy_generate(target, tokens, K).tokens
+        lg = torch.full((K, V), -1e4) if noise == 0 else noise * torch.randn(K, V, generator=gen)
+        for i, t in enumerate(truth[:K]):
+            lg[i, t] = 0.0 if noise == 0 else lg[i].max() + float(torch.randn((), generator=gen)) * noise
+        return lg
+    return f
+
+
+CONFIGS = [(3, 1, 4), (1, 1, 2), (4, 1, 5), (2, 2, 4), (3, 2, 7), (3, 4, 10)]
+LENGTHS = [1, 2, 5, 24]
+
+
+@pytest.mark.unit
+def test_medusa_tree_best_first_and_ancestor_closed():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    ids, parents, depths = medusa_tree(logits, 1, 3)          # chain: argmax of each head
+    assert ids == logits.argmax(-1).tolist() and parents == [-1, 0, 1] and depths == [1, 2, 3]
+    ids, parents, depths = medusa_tree(logits, 3, 9)
+    logp = torch.log_softmax(logits, -1)
+    assert len(ids) == 9 and depths[0] == 1
+    score = []
+    for i, (t, p, d) in enumerate(zip(ids, parents, depths)):
+        assert p < i and (p == -1) == (d == 1) and (p < 0 or depths[p] == d - 1)
+        assert t in logp[d - 1].topk(3).indices.tolist()
+        score.append(float(logp[d - 1, t]) + (score[p] if p >= 0 else 0.0))
+    # best-first: no unselected candidate scores above the worst selected node
+    worst = min(score)
+    for i in range(len(ids)):
+        if depths[i] < 3:
+            for t in logp[depths[i]].topk(3).indices.tolist():
+                if not any(parents[j] == i and ids[j] == t for j in range(len(ids))):
+                    assert score[i] + float(logp[depths[i], t]) <= worst + 1e-6
+    top1 = logp[0].topk(3)
+    assert all(float(top1.values[j]) <= worst + 1e-6 or top1.indices[j] in
+               [ids[i] for i in range(9) if depths[i] == 1] for j in range(3))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("steps,topk,n", CONFIGS)
+def test_greedy_lossless_random_heads(setup, steps, topk, n):
+    _, target, reduced, _, prompts = setup
+    dec = MedusaDecoder(target, reduced, steps, topk, n)
+    for p in prompts[:6]:
+        for new in LENGTHS:
+            ref = greedy_generate(target, p, new).tokens
+            r = dec.generate(p, new)
+            assert r.tokens == ref, (p, new)
+            assert r.step_tokens >= len(r.tokens) - 1 and max(r.accepted or [0]) <= steps
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("steps,topk,n", CONFIGS)
+def test_greedy_lossless_partial_oracle(setup, steps, topk, n, monkeypatch):
+    """Heads right part of the time: partial acceptance at every depth and, for trees, accepted paths off
+    the first branch (the target cache is gathered, not cropped)."""
+    _, target, _, full, prompts = setup
+    paths = []
+    real = medusa_decode.accept_path
+
+    def spy(tree, *a, **kw):
+        path, bonus = real(tree, *a, **kw)
+        paths.append(path)
+        return path, bonus
+    monkeypatch.setattr(medusa_decode, "accept_path", spy)
+    dec = MedusaDecoder(target, full, steps, topk, n, propose_override=oracle_heads(target, noise=1.0))
+    results = []
+    for p in prompts[:8]:
+        ref = greedy_generate(target, p, 24).tokens
+        r = dec.generate(p, 24)
+        assert r.tokens == ref, p
+        results.append(r)
+    acc = [a for r in results for a in r.accepted]
+    assert any(a == 0 for a in acc) and any(a > 0 for a in acc)
+    if topk > 1:
+        assert any(path and path != list(range(1, len(path) + 1)) for path in paths)
+    s = acceptance_summary(results, steps)
+    assert 1.0 < s["acceptance_length"] <= steps + 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("steps,topk,n", [(3, 1, 4), (4, 1, 5), (2, 3, 5), (3, 2, 7)])
+def test_oracle_heads_reach_maximum_acceptance(setup, steps, topk, n):
+    _, target, _, full, prompts = setup
+    dec = MedusaDecoder(target, full, steps, topk, n, propose_override=oracle_heads(target))
+    new = 1 + 4 * (steps + 1)
+    results = [dec.generate(p, new) for p in prompts[:3]]
+    for p, r in zip(prompts, results):
+        assert r.tokens == greedy_generate(target, p, new).tokens
+        assert r.accepted == [steps] * 4 and r.verify_steps == 4
+    s = acceptance_summary(results, steps)
+    assert s["acceptance_length"] == steps + 1
+    assert s["per_position_accept_rate"] == [1.0] * steps
+    assert s["accept_histogram"] == {**{str(j): 0 for j in range(steps)}, str(steps): 12}
+    for key in ("acceptance_length_sglang", "acceptance_length_per_request_mean", "verify_steps",
+                "verified_tokens"):
+        assert s[key] is not None
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("steps,topk,n", [(3, 1, 4), (3, 2, 7)])
+def test_eos_stops_inside_accepted_drafts(setup, steps, topk, n):
+    _, target, _, full, prompts = setup
+    for p in prompts[:4]:
+        ref = greedy_generate(target, p, 24).tokens
+        eos = ref[6]
+        stop = ref.index(eos)
+        dec = MedusaDecoder(target, full, steps, topk, n, propose_override=oracle_heads(target))
+        r = dec.generate(p, 24, eos_ids=[eos])
+        assert r.tokens == ref[:stop + 1] and r.stopped == "eos"
+        assert r.tokens == greedy_generate(target, p, 24, eos_ids=[eos]).tokens
+    # eos as the very first token (from the prefill): no verify step at all
+    first = greedy_generate(target, prompts[0], 1).tokens[0]
+    r = MedusaDecoder(target, full, 3, 1, 4).generate(prompts[0], 24, eos_ids=[first])
+    assert r.tokens == [first] and r.verify_steps == 0 and r.stopped == "eos"
+
+
+@pytest.mark.unit
+def test_sampling_is_seeded_and_bounded(setup):
+    _, target, reduced, full, prompts = setup
+
+    def run(draft, topk, n, override=None):
+        dec = MedusaDecoder(target, draft, 3, topk, n, temperature=0.8, propose_override=override)
+        return dec.generate(prompts[0], 20, generator=torch.Generator().manual_seed(5))
+    for topk, n in [(1, 4), (2, 6)]:
+        a, b = run(reduced, topk, n), run(reduced, topk, n)
+        assert a.tokens == b.tokens and len(a.tokens) == 20
+        c = run(full, topk, n, oracle_heads(target, noise=0.5, seed=3))
+        assert len(c.tokens) == 20 and max(c.accepted) <= 3
+
+
+@pytest.mark.unit
+def test_config_errors(setup):
+    _, target, reduced, _, _ = setup
+    with pytest.raises(ValueError, match="4 heads"):
+        MedusaDecoder(target, reduced, 5, 1, 6)
+    with pytest.raises(ValueError, match="steps \\+ 1"):
+        MedusaDecoder(target, reduced, 3, 1, 5)
+    with pytest.raises(ValueError, match="steps"):
+        MedusaDecoder(target, reduced, 0, 1, 1)
