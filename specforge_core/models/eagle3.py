@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from .family import DraftFamily
+from .family import DraftFamily, VocabMappedDraft
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 SERVING_ACT = "silu"
@@ -277,7 +277,7 @@ class Eagle3Midlayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))                            # [B,T,H]
 
 
-class Eagle3Draft(nn.Module):
+class Eagle3Draft(VocabMappedDraft):
     """The EAGLE3 draft (see the module docstring). Build it with `build_draft(config)`."""
 
     def __init__(self, config: LlamaConfig):
@@ -295,11 +295,7 @@ class Eagle3Draft(nn.Module):
         self.norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(H, Vd, bias=False)                  # H -> draft vocab
         self.rotary_emb = LlamaRotaryEmbedding(config)               # non-persistent buffers only
-        # Identity mapping until set_vocab_mapping; both persist so checkpoints carry them.
-        self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long), persistent=True)
-        t2d = torch.zeros(V, dtype=torch.bool)
-        t2d[:Vd] = True
-        self.register_buffer("t2d", t2d, persistent=True)
+        self._init_vocab_buffers(V, Vd)  # d2t / t2d: identity until set_vocab_mapping
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -320,21 +316,6 @@ class Eagle3Draft(nn.Module):
             self.embed_tokens.weight.copy_(weight.to(self.embed_tokens.weight.dtype))
         self.embed_tokens.weight.requires_grad_(False)
 
-    def set_vocab_mapping(self, d2t: Tensor, t2d: Tensor) -> None:
-        """d2t: int offsets [draft_vocab] (target_id = i + d2t[i]); t2d: bool [V_target], draft_vocab True."""
-        d2t = torch.as_tensor(d2t).long()
-        t2d = torch.as_tensor(t2d).bool()
-        if d2t.shape != (self.draft_vocab_size,) or t2d.shape != (self.vocab_size,):
-            raise ValueError(f"vocab mapping shapes d2t {tuple(d2t.shape)}, t2d {tuple(t2d.shape)} do not fit "
-                             f"draft_vocab_size {self.draft_vocab_size}, vocab_size {self.vocab_size}")
-        if int(t2d.sum()) != self.draft_vocab_size:
-            raise ValueError(f"t2d marks {int(t2d.sum())} target ids, expected {self.draft_vocab_size}")
-        target_ids = torch.arange(self.draft_vocab_size) + d2t
-        if not torch.equal(torch.nonzero(t2d).flatten().sort().values, target_ids.sort().values):
-            raise ValueError("d2t and t2d disagree: the target ids d2t maps to are not the ones t2d marks")
-        self.d2t.copy_(d2t.to(self.d2t.device))
-        self.t2d.copy_(t2d.to(self.t2d.device))
-
     # -- pieces --------------------------------------------------------------------------------
     def project(self, aux_hidden: Tensor) -> Tensor:
         """aux [B,T,3*H_t] -> h [B,T,H]."""
@@ -351,9 +332,6 @@ class Eagle3Draft(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """pre-norm hidden [B,T,H] -> logits over the draft vocab [B,T,Vd]."""
         return self.lm_head(self.norm(hidden))
-
-    def draft_to_target(self, draft_ids: Tensor) -> Tensor:
-        return draft_ids + self.d2t[draft_ids]
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()

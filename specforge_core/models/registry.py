@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import eagle3
+from . import eagle3, medusa
 from .family import DraftFamily
 
 FAMILIES: dict[str, DraftFamily] = {f.name: f for f in (
     eagle3.FAMILY,
+    medusa.FAMILY,
 )}
 
 # architecture name -> module class; `register_draft` adds classes that have no family (tests, plug-ins).

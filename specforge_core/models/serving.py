@@ -32,8 +32,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Integer tensors of the vocab mapping; every other tensor is a float weight.
-MAPPING_TENSORS = ("d2t", "t2d")
+# Integer tensors of the vocab mapping (EAGLE3's d2t / t2d, Medusa's token_map); every other tensor is
+# a float weight.
+MAPPING_TENSORS = ("d2t", "t2d", "token_map")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,6 +309,7 @@ def load_draft(path, target=None, device="cpu", dtype: torch.dtype | None = None
         state = load_file(str(src.path / MODEL_FILE))
     except Exception as e:  # noqa: BLE001 - a torn file is one message naming it
         raise ValueError(f"{src.path / MODEL_FILE}: cannot read ({type(e).__name__}: {e})") from None
+    state = family.state_from_serving(state, src.config)
     own = draft.state_dict()
     for k, v in state.items():
         if k in own and tuple(v.shape) != tuple(own[k].shape):
@@ -335,6 +337,11 @@ def check_fits_target(draft, src: DraftSource, family, target) -> None:
     where = src.path / CONFIG_FILE
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"{where}: vocab_size {draft.vocab_size} does not match the target's {target.vocab_size}")
+    if not family.reads_aux:  # the draft reads the target's last hidden state, no captured layers
+        if draft.target_hidden_size != target.hidden_size:
+            raise ValueError(f"{where}: the draft reads hidden states of size {draft.target_hidden_size}, the "
+                             f"target's are {target.hidden_size}")
+        return
     ids = family.layer_ids(src.config)
     n_aux = len(ids) if ids else len(target.layer_ids)
     if n_aux * draft.target_hidden_size != len(target.layer_ids) * target.hidden_size:
