@@ -25,62 +25,23 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-class _StandInMedusa(nn.Module):
-    """The agreed interface of models/medusa.py, used only until that module exists on this branch."""
-
-    def __init__(self, config):
-        super().__init__()
-        H, self.vocab_size, Vd = config.hidden_size, config.vocab_size, config.draft_vocab_size
-        self.hidden_size, self.num_heads = H, config.num_heads
-        self.heads = nn.ModuleList(nn.ModuleList([nn.Linear(H, H) for _ in range(config.num_hidden_layers)]
-                                                 + [nn.Linear(H, Vd, bias=False)]) for _ in range(self.num_heads))
-        self.register_buffer("d2t", torch.zeros(Vd, dtype=torch.long))
-        self.register_buffer("t2d", torch.ones(self.vocab_size, dtype=torch.bool))
-
-    def to_target_ids(self, draft_ids):
-        return draft_ids + self.d2t[draft_ids]
-
-    def forward(self, hidden):
-        outs = []
-        for head in self.heads:
-            x = hidden
-            for blk in head[:-1]:
-                x = x + nn.functional.silu(blk(x))
-            outs.append(head[-1](x))
-        return torch.stack(outs)
-
-
-def _ensure_medusa_registered():
-    from specforge_core.models.registry import DRAFT_ARCHITECTURES, register_draft
-
-    if "MedusaModel" not in DRAFT_ARCHITECTURES:
-        register_draft("MedusaModel")(_StandInMedusa)
-
-
 def make_medusa(target, num_heads: int, keep: torch.Tensor | None = None, seed: int = 0) -> nn.Module:
-    """A Medusa draft over `keep` (ascending target ids; None = the full vocabulary), heads' lm_heads
-    initialised from the target's (as the family does), built through the registry."""
-    from transformers import PretrainedConfig
+    """A Medusa draft over `keep` (ascending target ids; None = the full vocabulary), built through the
+    registry, heads initialised from the target's lm_head (as the family does) and blocks randomised."""
+    from specforge_core.models.registry import build_draft, family
 
-    from specforge_core.models.registry import build_draft
-
-    _ensure_medusa_registered()
     torch.manual_seed(seed)
     Vd = V if keep is None else keep.numel()
-    cfg = PretrainedConfig(architectures=["MedusaModel"], hidden_size=target.hidden_size, vocab_size=V,
-                           draft_vocab_size=Vd, num_heads=num_heads, num_hidden_layers=1)
-    draft = build_draft(cfg)
+    draft = build_draft(family("medusa").build_config(target.config, Vd, None, {"num_heads": num_heads}))
     if keep is not None:
         t2d = torch.zeros(V, dtype=torch.bool)
         t2d[keep] = True
-        draft.d2t.copy_(keep - torch.arange(Vd))
-        draft.t2d.copy_(t2d)
+        draft.set_vocab_mapping(keep - torch.arange(Vd), t2d)
+    draft.init_from_target(target.lm_head_weight().detach().float())
     with torch.no_grad():
-        w = target.lm_head_weight().detach().float()
-        w = w if keep is None else w[keep]
-        for name, p in draft.named_parameters():
-            if p.shape == w.shape:
-                p.copy_(w)
+        for block in draft.blocks:
+            for lin in block.layers:
+                lin.weight.normal_(0, 0.2)
     return draft.eval()
 
 
