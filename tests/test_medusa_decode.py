@@ -4,6 +4,8 @@ is ancestor-closed and best-first, sampling is seeded, and the summary has EAGLE
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -210,3 +212,88 @@ def test_config_errors(setup):
         MedusaDecoder(target, reduced, 3, 1, 5)
     with pytest.raises(ValueError, match="steps"):
         MedusaDecoder(target, reduced, 0, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluate job on a tiny target with SmolLM2's real tokenizer: checkpoint and serving export
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def medusa_dirs(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    from specforge_core.events import null_events
+    from specforge_core.models.registry import build_draft, family
+    from specforge_core.targets import load_tokenizer
+    from specforge_core.training.checkpoint import save_checkpoint
+    from specforge_core.training.config import ExportConfig
+    from specforge_core.training.export import export_draft
+
+    root = tmp_path_factory.mktemp("evaluate_medusa")
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(vocab_size=49152, hidden_size=32, num_hidden_layers=4)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 2
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(root / "target")
+    load_tokenizer("default").save_pretrained(root / "target")
+    dcfg = family("medusa").build_config(cfg, 512, None, {"num_heads": 3})
+    draft = build_draft(dcfg)
+    keep = torch.randperm(49152, generator=torch.Generator().manual_seed(2))[:512].sort().values
+    t2d = torch.zeros(49152, dtype=torch.bool)
+    t2d[keep] = True
+    draft.set_vocab_mapping(keep - torch.arange(512), t2d)
+    draft.init_from_target(model.lm_head.weight.detach())
+    save_checkpoint(root / "run", 1, draft.state_dict(), None, None, {"step": 1}, dcfg.to_dict(), 1, True)
+    export_draft(ExportConfig(checkpoint=str(root / "run"), output=str(root / "serve"), target=str(root / "target"),
+                              dtype="float32"), null_events())
+    prompts = root / "prompts.jsonl"
+    rows = [{"prompt": "What is the capital of France?"}, {"turns": ["Tell me a story.", "Shorter."]},
+            {"prompt": "Count to ten."}]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("which", ["serve", "run"])
+def test_evaluate_job_runs_medusa(medusa_dirs, tmp_path, which):
+    from specforge_core.evaluate.config import EvaluateConfig
+    from specforge_core.evaluate.inprocess import evaluate
+    from specforge_core.events import Events
+
+    ev = Events(None, echo=False)
+    out = tmp_path / "res.json"
+    cfg = EvaluateConfig(target=str(medusa_dirs / "target"), draft=str(medusa_dirs / which),
+                         prompts=str(medusa_dirs / "prompts.jsonl"), configs=["1,3,1,4", "1,2,2,4", "1,3,3,8"],
+                         max_new_tokens=12, output=str(out), device="cpu")
+    res = evaluate(cfg, ev)
+    saved = json.loads(out.read_text())
+    assert res["finished"] and saved["finished"] and saved["draft_family"] == "medusa"
+    assert saved["draft_kind"] == ("serving" if which == "serve" else "checkpoint")
+    assert saved["baseline"]["acceptance_length"] == 1.0
+    assert [r["config"] for r in saved["results"]] == ["1,3,1,4", "1,2,2,4", "1,3,3,8"]
+    start = next(r for r in ev.records if r["event"] == "evaluate_start")
+    assert start["draft_family"] == "medusa" and start["aux_layer_ids"] == []
+    # The same fields as an EAGLE3 run, so the two families share one table.
+    for r in saved["results"]:
+        for key in ("acceptance_length", "acceptance_length_sglang", "acceptance_length_per_request_mean",
+                    "accept_histogram", "per_position_accept_rate", "tokens_per_s", "speedup",
+                    "completion_tokens", "verify_steps", "mismatches_vs_baseline"):
+            assert r[key] is not None, key
+        assert r["mismatches_vs_baseline"] == 0 and r["draft_family"] == "medusa"
+        assert r["completion_tokens"] == saved["baseline"]["completion_tokens"]
+        assert len(r["per_position_accept_rate"]) == r["steps"] and len(r["accept_histogram"]) == r["steps"] + 1
+        assert 1.0 <= r["acceptance_length"] <= r["steps"] + 1
+
+
+@pytest.mark.unit
+def test_evaluate_refuses_more_heads_than_the_draft_has(medusa_dirs, tmp_path):
+    from specforge_core.evaluate.config import EvaluateConfig
+    from specforge_core.evaluate.inprocess import evaluate
+    from specforge_core.events import Events
+
+    ev = Events(None, echo=False)
+    cfg = EvaluateConfig(target=str(medusa_dirs / "target"), draft=str(medusa_dirs / "serve"),
+                         prompts=str(medusa_dirs / "prompts.jsonl"), configs=["1,3,1,4", "1,4,1,5"],
+                         max_new_tokens=4, output=str(tmp_path / "res.json"), device="cpu")
+    with pytest.raises(ValueError, match="3 heads"):
+        evaluate(cfg, ev)
+    assert not (tmp_path / "res.json").exists()   # refused before any generation (not even the baseline)

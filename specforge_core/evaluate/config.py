@@ -1,5 +1,5 @@
-"""The evaluation jobs' configs: `evaluate` (in-process speculative decoding of a target + EAGLE3 draft on
-prompts), `bench` (the SGLang benchmark client) and `serve-reference` (the reference server)."""
+"""The evaluation jobs' configs: `evaluate` (in-process speculative decoding of a target + an EAGLE3 or
+Medusa draft on prompts), `bench` (the SGLang benchmark client) and `serve-reference` (the reference server)."""
 
 from __future__ import annotations
 
@@ -31,14 +31,18 @@ class EvaluateConfig(JobConfig):
                                "(chatml, llama3, ...), or `none` (prompt text tokenised as is)")
     system_prompt: Optional[str] = Field(None, description="system prompt added to every prompt that has none")
     configs: list[str] = Field(["1,3,1,4"], description="speculative configs batch,steps,topk,draft_tokens "
-                               "(SGLang's tuple; in-process decoding runs batch 1); 1,0,0,0 = plain decoding")
+                               "(SGLang's tuple; in-process decoding runs batch 1); 1,0,0,0 = plain decoding. "
+                               "For a Medusa draft, steps = heads used (at most its num_heads), topk = tree "
+                               "width per head (1 = a chain of each head's top-1), draft_tokens = tree nodes "
+                               "verified including the root (chain: steps + 1)")
     max_new_tokens: int = Field(128, ge=1, description="tokens to generate per prompt")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy (lossless, checked against the baseline); "
                                ">0 = sampling with speculative rejection")
     max_prompts: Optional[int] = Field(None, ge=1, description="use at most this many prompts (the first ones)")
     warmup: int = Field(1, ge=0, description="prompts run once before timing (not counted)")
-    aux_layer_ids: Optional[list[int]] = Field(None, description="target layers the draft reads (default: the "
-                                               "draft config's eagle_aux_hidden_state_layer_ids)")
+    aux_layer_ids: Optional[list[int]] = Field(None, description="target layers an EAGLE3 draft reads (default: "
+                                               "the draft config's eagle_aux_hidden_state_layer_ids; a Medusa "
+                                               "draft reads none)")
     output: str = Field("workspace/eval/evaluate.json", description="results JSON file")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="target and draft dtype "

@@ -2,7 +2,10 @@
 
 `evaluate(cfg, events) -> dict` loads the target (capturing the layers the draft was trained on) and
 the draft, reads and templates the prompts, runs the baseline (one target forward per token) and then
-every `batch,steps,topk,draft_tokens` config through `spec_decode.SpecDecoder`, and writes a results
+every `batch,steps,topk,draft_tokens` config through the decoder of the draft's family
+(`spec_decode.SpecDecoder` for EAGLE3, `medusa_decode.MedusaDecoder` for Medusa, where steps is the
+number of heads used and topk the tree width per head; the family comes from config.json's
+`architectures` through the registry), and writes a results
 JSON with, per config: the pooled acceptance length (verified tokens / verify steps, bonus token
 counted; 1.0 without speculation) and, beside it, the mean of per-request ratios (a different number,
 named as such), per-position acceptance rates, the histogram of accepted draft tokens per verify step,
@@ -27,7 +30,20 @@ import torch
 from ..events import Events, JobCancelled
 from .benchsets import prompt_source
 from .config import EvaluateConfig
+from .medusa_decode import MedusaDecoder
 from .spec_decode import GenerationResult, SpecConfig, SpecDecoder, acceptance_summary, greedy_generate
+
+# The in-process decoder of each draft family (models.registry names the families).
+DECODERS = {"eagle3": SpecDecoder, "medusa": MedusaDecoder}
+
+
+def make_decoder(family_name: str, target, draft, spec: SpecConfig, temperature: float = 0.0):
+    """The decoder that runs `spec` (batch,steps,topk,draft_tokens) with a draft of `family_name`."""
+    cls = DECODERS.get(family_name)
+    if cls is None:
+        raise ValueError(f"in-process decoding has no decoder for draft family {family_name!r}; "
+                         f"known: {sorted(DECODERS)}")
+    return cls(target, draft, spec.steps, spec.topk, spec.draft_tokens, temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,31 +182,45 @@ def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dic
 def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     from ..models.target import load_target
     from ..targets import load_tokenizer
-    from ..models.serving import draft_layer_ids, load_draft
+    from ..models.registry import family_for
+    from ..models.serving import draft_layer_ids, load_draft, locate_draft
 
     t_start = time.time()
     specs = [SpecConfig.parse(c, where="--configs") for c in cfg.configs]
     if any(s.batch > 1 for s in specs):
         events.warning("in-process decoding runs batch 1: the batch field of the configs is recorded, not used")
     device, dtype = _device_dtype(cfg)
-    layer_ids = cfg.aux_layer_ids or draft_layer_ids(cfg.draft)
+    arch = locate_draft(cfg.draft).config.get("architectures") or [None]
+    fam = family_for(arch[0]) if isinstance(arch[0], str) else None   # None: load_draft says why
+    reads_aux = fam is None or fam.reads_aux
+    if reads_aux:
+        layer_ids = cfg.aux_layer_ids or draft_layer_ids(cfg.draft)
+    else:
+        # The draft reads only the final normed hidden state (Medusa): nothing is captured, and the
+        # target wrapper's capture list is a placeholder that is valid for any depth.
+        if cfg.aux_layer_ids:
+            events.warning(f"--aux-layer-ids is ignored: a {fam.name} draft reads no captured target layers")
+        layer_ids = [0]
     target = load_target(cfg.target, dtype=dtype, device=device, layer_ids=layer_ids)
     draft, src = load_draft(cfg.draft, target=target, device=device, dtype=dtype)
+    family_name = fam.name if fam is not None else "eagle3"
     tok = load_tokenizer(cfg.tokenizer or cfg.target)
     items = read_prompts(prompt_source(cfg.prompts), cfg.max_prompts, events)
     prompts = [render_prompt(it, tok, cfg.chat_template, cfg.system_prompt) for it in items]
     stop = eos_ids(tok, target)
-    events.emit("evaluate_start", target=cfg.target, draft=str(src.path), draft_kind=src.kind, prompts=len(prompts),
-                configs=cfg.configs, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                aux_layer_ids=list(target.layer_ids))
+    aux_ids = list(target.layer_ids) if reads_aux else []
+    events.emit("evaluate_start", target=cfg.target, draft=str(src.path), draft_kind=src.kind,
+                draft_family=family_name, prompts=len(prompts), configs=cfg.configs, device=str(device),
+                dtype=str(dtype).replace("torch.", ""), aux_layer_ids=aux_ids)
     torch.manual_seed(cfg.seed)
 
     def gen(i: int) -> torch.Generator | None:
         # One seeded generator per prompt: every mode sees the same randomness per prompt.
         return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + i) if cfg.temperature > 0 else None
 
-    decoders = {s.label: SpecDecoder(target, draft, s.steps, s.topk, s.draft_tokens, cfg.temperature)
-                for s in specs if s.speculative}
+    # Built before any generation: a config the draft cannot run (e.g. more Medusa heads than it has)
+    # fails here, up front.
+    decoders = {s.label: make_decoder(family_name, target, draft, s, cfg.temperature) for s in specs if s.speculative}
     # Warm-up (allocator, kernels, lazy init) so the first timed mode is not penalised.
     for i in range(min(cfg.warmup, len(prompts))):
         greedy_generate(target, prompts[i], min(8, cfg.max_new_tokens), stop, cfg.temperature, gen(i))
@@ -206,7 +236,7 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
 
     def payload(finished: bool) -> dict:
         return {"kind": "evaluate", "finished": finished, "target": cfg.target, "draft": str(src.path),
-                "draft_kind": src.kind, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                "draft_kind": src.kind, "draft_family": family_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                 "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "prompts": len(prompts),
                 "acceptance_length_definition": "pooled: sum(tokens per verify step, bonus counted) / "
                                                 "sum(verify steps); 1.0 = no speculation. "
@@ -232,7 +262,8 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
         outputs[name] = results
         s = _mode_summary(name, results, spec.steps if spec else 0)
         if spec is not None:
-            s.update(batch=spec.batch, steps=spec.steps, topk=spec.topk, draft_tokens=spec.draft_tokens)
+            s.update(batch=spec.batch, steps=spec.steps, topk=spec.topk, draft_tokens=spec.draft_tokens,
+                     draft_family=family_name)
             base = summaries["baseline"]
             s["speedup"] = (s["tokens_per_s"] / base["tokens_per_s"]) if base["tokens_per_s"] and \
                 s["tokens_per_s"] else None
