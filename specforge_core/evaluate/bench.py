@@ -48,7 +48,7 @@ from ..events import Events, JobCancelled
 from .benchsets import BenchItem, BenchSet, BenchmarkSetError, load_benchmarks
 from .config import BenchConfig
 from .launcher import (LaunchedServer, SGLangNotInstalled, ServerStartError, check_spec_params, require_sglang,
-                       sglang_argv)
+                       sglang_argv, sglang_refusal)
 from .sglang_client import GenerateResult, SGLangClient, ServerError, render_chat
 from ..asyncutil import run_sync
 
@@ -457,6 +457,11 @@ def bench(cfg: BenchConfig, events: Events) -> dict:
     if cfg.system_prompt and any(i.text is not None for s in sets for i in s.items):
         events.warning("--system-prompt does not apply to pre-formatted `text` prompts; they are sent as they are")
     extra_args = shlex.split(cfg.server_args) if cfg.server_args else []
+    # A draft family SGLang has no algorithm for (Medusa) is refused before any server starts or any
+    # request is sent: a running SGLang server cannot be serving it either.
+    why = sglang_refusal(cfg.draft) if cfg.draft else None
+    if why:
+        raise ConfigError(why)
     if cfg.launch:
         if not cfg.target:
             raise ConfigError("--launch needs --target (the model the server loads)")

@@ -71,7 +71,8 @@ class BenchConfig(JobConfig):
     launch: bool = Field(False, description="start `python -m sglang.launch_server` for each server config "
                          "(needs sglang and a GPU)")
     target: Optional[str] = Field(None, description="target model (for --launch; also the default tokenizer)")
-    draft: Optional[str] = Field(None, description="EAGLE3 draft directory (for --launch)")
+    draft: Optional[str] = Field(None, description="EAGLE3 draft directory (for --launch; SGLang has no Medusa: "
+                                 "measure a Medusa draft with `evaluate`)")
     tokenizer: Optional[str] = Field(None, description="tokenizer for the chat template (default: --target, else "
                                      "the server's tokenizer_path)")
     benchmark: list[str] = Field(["mtbench:80"], description="benchmark sets `name[:count][=path]`: mtbench, gsm8k, "

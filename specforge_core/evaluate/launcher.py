@@ -71,6 +71,44 @@ def cuda_graph_flag() -> str:
     return CUDA_GRAPH_FLAG_OLD
 
 
+# Draft families SGLang serves, and the --speculative-algorithm each is served with. SGLang has no
+# Medusa (its speculative algorithms are EAGLE / EAGLE3 / NEXTN / STANDALONE / NGRAM).
+SGLANG_ALGORITHMS = {"eagle3": "EAGLE3"}
+# What serves the families SGLang cannot, for the refusal message.
+OTHER_SERVERS = {"medusa": "vLLM <= 0.32 (`vllm serve TARGET --speculative-config '{\"method\": \"medusa\", "
+                           "\"model\": DRAFT, \"num_speculative_tokens\": K}'`; vLLM 0.33 removed Medusa)"}
+FAMILY_TITLES = {"eagle3": "EAGLE3", "medusa": "Medusa"}
+
+
+def draft_family_name(draft) -> Optional[str]:
+    """The family of the draft at `draft` (serving export, checkpoint or run dir) by its config.json's
+    `architectures`, through the registry; None when it cannot be read (the caller's loader says why)."""
+    from ..models.registry import family_for
+    from ..models.serving import locate_draft
+
+    try:
+        arch = locate_draft(draft).config.get("architectures")
+    except (OSError, ValueError):
+        return None
+    fam = family_for(arch[0]) if isinstance(arch, list) and arch and isinstance(arch[0], str) else None
+    return fam.name if fam is not None else None
+
+
+def sglang_refusal(draft, family: Optional[str] = None) -> Optional[str]:
+    """Why SGLang cannot serve this draft (a family it has no algorithm for), or None. Checked before a
+    server starts, so a Medusa draft is refused up front instead of failing in SGLang's log."""
+    name = family or (draft_family_name(draft) if draft else None)
+    if name is None or name in SGLANG_ALGORITHMS:
+        return None
+    title = FAMILY_TITLES.get(name, name)
+    other = OTHER_SERVERS.get(name)
+    return (f"SGLang has no {title} support: the draft {draft} is a {title} draft, which SGLang cannot serve "
+            f"(it serves {', '.join(FAMILY_TITLES.get(n, n) for n in SGLANG_ALGORITHMS)} drafts). Measure it "
+            "in-process with `specforge-wb evaluate --draft ...` (the Benchmark tab's In-process mode: acceptance "
+            "length, histogram and speedup in the same fields as EAGLE3)"
+            + (f", or serve it with {other}" if other else "") + ".")
+
+
 def check_spec_params(steps: int, topk: int, draft_tokens: int) -> None:
     """Raise ValueError for a server config SGLang would reject or silently change.
 
@@ -111,17 +149,21 @@ def sglang_argv(target: str, draft: Optional[str] = None, steps: int = 0, topk: 
 def serve_command(target: str, draft: str, steps: int = 3, topk: int = 1, draft_tokens: Optional[int] = None,
                   *, engine: str = "sglang", port: int = 30000, host: str = "0.0.0.0", tp: int = 1,
                   mem_fraction_static: Optional[float] = None, cuda_graph_max_bs: Optional[int] = None,
-                  graph_flag: str = CUDA_GRAPH_FLAG_OLD) -> str:
-    """The shell command that serves `target` with the EAGLE3 draft `draft` (quoted for a POSIX shell).
+                  graph_flag: str = CUDA_GRAPH_FLAG_OLD, family: str = "eagle3") -> str:
+    """The shell command that serves `target` with the draft `draft` of `family` (quoted for a POSIX shell).
 
     sglang: `python -m sglang.launch_server --model-path T --speculative-algorithm EAGLE3 ...`
-            (`graph_flag`: pass `--cuda-graph-max-bs-decode` for SGLang >= 0.5.2x).
+            (`graph_flag`: pass `--cuda-graph-max-bs-decode` for SGLang >= 0.5.2x); EAGLE3 only.
     vllm:   `vllm serve T --speculative-config '{"method": "eagle3", "model": D, "num_speculative_tokens": S}'`
-            (vLLM drafts a chain: topk and draft_tokens do not apply).
+            (vLLM drafts a chain: topk and draft_tokens do not apply); a Medusa draft gets method
+            "medusa" (vLLM <= 0.32) and S = heads used.
     """
     if draft_tokens is None:
         draft_tokens = steps + 1 if topk == 1 else steps * topk
     if engine == "sglang":
+        why = sglang_refusal(draft, family)
+        if why:
+            raise ValueError(why)
         argv = sglang_argv(target, draft, steps, topk, draft_tokens, port=port, host=host, tp=tp,
                            cuda_graph_max_bs=cuda_graph_max_bs, mem_fraction_static=mem_fraction_static,
                            python="python", graph_flag=graph_flag)
@@ -129,7 +171,7 @@ def serve_command(target: str, draft: str, steps: int = 3, topk: int = 1, draft_
     if engine == "vllm":
         if steps < 1:
             raise ValueError("vllm: num_speculative_tokens (steps) must be at least 1")
-        spec = json.dumps({"method": "eagle3", "model": str(draft), "num_speculative_tokens": steps})
+        spec = json.dumps({"method": family, "model": str(draft), "num_speculative_tokens": steps})
         argv = ["vllm", "serve", str(target), "--speculative-config", spec, "--host", host, "--port", str(port)]
         if tp != 1:
             argv += ["--tensor-parallel-size", str(tp)]

@@ -110,6 +110,13 @@ def _bench_rules(ws: Path):
                 errors["benchmark"] = str(e)
         if out.get("server") and out.get("launch"):
             errors[""] = "give a server URL or tick launch, not both (clear the server box to launch)"
+        if out.get("draft") and "draft" not in errors:
+            # SGLang has no Medusa: say so here, before a job (or a server) starts.
+            from specforge_core.evaluate.launcher import sglang_refusal
+
+            why = sglang_refusal(out["draft"])
+            if why:
+                errors["draft"] = why + f" Switch the mode to '{MODE_INPROCESS}'."
 
     return check
 
