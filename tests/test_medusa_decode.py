@@ -297,3 +297,17 @@ def test_evaluate_refuses_more_heads_than_the_draft_has(medusa_dirs, tmp_path):
     with pytest.raises(ValueError, match="3 heads"):
         evaluate(cfg, ev)
     assert not (tmp_path / "res.json").exists()   # refused before any generation (not even the baseline)
+
+
+@pytest.mark.unit
+def test_reference_server_decoder_for_medusa(medusa_dirs):
+    """`serve-reference --draft MEDUSA_DIR` decodes with the Medusa decoder (lossless) and says MEDUSA."""
+    from specforge_core.evaluate.config import ServeReferenceConfig
+    from specforge_core.evaluate.refserver import load_decoder
+
+    dec, tok = load_decoder(ServeReferenceConfig(target=str(medusa_dirs / "target"), draft=str(medusa_dirs / "serve"),
+                                                 steps=2, topk=2, device="cpu"))
+    assert isinstance(dec.dec, MedusaDecoder) and dec.algorithm == "MEDUSA"
+    ids = tok("Hello there")["input_ids"]
+    out, verify, accepted = dec.generate(ids, 10, 0.0)
+    assert out == greedy_generate(dec.dec.target, ids, 10, dec.eos_ids).tokens and len(accepted) == verify

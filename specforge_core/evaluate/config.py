@@ -109,11 +109,11 @@ class ServeReferenceConfig(JobConfig):
 
     target: str = Field("default", description="target model: `default` (SmolLM2-135M-Instruct), a local HF "
                         "directory or a hub id")
-    draft: Optional[str] = Field(None, description="EAGLE3 draft directory (serving checkpoint); none = plain "
-                                 "decoding (acceptance length 1.0)")
+    draft: Optional[str] = Field(None, description="EAGLE3 or Medusa draft directory (serving checkpoint); "
+                                 "none = plain decoding (acceptance length 1.0)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(30000, ge=0, le=65535, description="port (0 = a free one, printed at start)")
-    steps: int = Field(3, ge=1, description="speculative steps (with --draft)")
+    steps: int = Field(3, ge=1, description="speculative steps (with --draft; Medusa: heads used)")
     topk: int = Field(1, ge=1, description="draft tree branching (with --draft; 1 = chain)")
     draft_tokens: Optional[int] = Field(None, ge=2, description="tokens verified per step (default steps+1 "
                                         "for a chain)")

@@ -37,13 +37,38 @@ from .spec_decode import GenerationResult, SpecConfig, SpecDecoder, acceptance_s
 DECODERS = {"eagle3": SpecDecoder, "medusa": MedusaDecoder}
 
 
-def make_decoder(family_name: str, target, draft, spec: SpecConfig, temperature: float = 0.0):
-    """The decoder that runs `spec` (batch,steps,topk,draft_tokens) with a draft of `family_name`."""
+def make_decoder(family_name: str, target, draft, steps: int, topk: int, draft_tokens: int | None = None,
+                 temperature: float = 0.0):
+    """The decoder of a draft of `family_name` for steps, topk, draft_tokens (None: the decoder's default)."""
     cls = DECODERS.get(family_name)
     if cls is None:
         raise ValueError(f"in-process decoding has no decoder for draft family {family_name!r}; "
                          f"known: {sorted(DECODERS)}")
-    return cls(target, draft, spec.steps, spec.topk, spec.draft_tokens, temperature)
+    return cls(target, draft, steps, topk, draft_tokens, temperature)
+
+
+def load_target_and_draft(target_name: str, draft_path, device, dtype: torch.dtype = torch.float32,
+                          aux_layer_ids: list[int] | None = None, events: Events | None = None):
+    """Load the target (capturing the layers the draft reads, if its family reads any) and the draft.
+    Returns (target, draft, DraftSource, family name); the family comes from config.json's
+    `architectures` through the registry."""
+    from ..models.registry import family_for
+    from ..models.serving import draft_layer_ids, load_draft, locate_draft
+    from ..models.target import load_target
+
+    arch = locate_draft(draft_path).config.get("architectures") or [None]
+    fam = family_for(arch[0]) if isinstance(arch[0], str) else None   # None: load_draft says why
+    if fam is None or fam.reads_aux:
+        layer_ids = aux_layer_ids or draft_layer_ids(draft_path)
+    else:
+        # The draft reads only the final normed hidden state (Medusa): nothing is captured, and the
+        # target wrapper's capture list is a placeholder that is valid for any depth.
+        if aux_layer_ids and events is not None:
+            events.warning(f"--aux-layer-ids is ignored: a {fam.name} draft reads no captured target layers")
+        layer_ids = [0]
+    target = load_target(target_name, dtype=dtype, device=device, layer_ids=layer_ids)
+    draft, src = load_draft(draft_path, target=target, device=device, dtype=dtype)
+    return target, draft, src, fam.name if fam is not None else "eagle3"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,30 +205,17 @@ def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dic
 
 
 def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
-    from ..models.target import load_target
+    from ..models.registry import family
     from ..targets import load_tokenizer
-    from ..models.registry import family_for
-    from ..models.serving import draft_layer_ids, load_draft, locate_draft
 
     t_start = time.time()
     specs = [SpecConfig.parse(c, where="--configs") for c in cfg.configs]
     if any(s.batch > 1 for s in specs):
         events.warning("in-process decoding runs batch 1: the batch field of the configs is recorded, not used")
     device, dtype = _device_dtype(cfg)
-    arch = locate_draft(cfg.draft).config.get("architectures") or [None]
-    fam = family_for(arch[0]) if isinstance(arch[0], str) else None   # None: load_draft says why
-    reads_aux = fam is None or fam.reads_aux
-    if reads_aux:
-        layer_ids = cfg.aux_layer_ids or draft_layer_ids(cfg.draft)
-    else:
-        # The draft reads only the final normed hidden state (Medusa): nothing is captured, and the
-        # target wrapper's capture list is a placeholder that is valid for any depth.
-        if cfg.aux_layer_ids:
-            events.warning(f"--aux-layer-ids is ignored: a {fam.name} draft reads no captured target layers")
-        layer_ids = [0]
-    target = load_target(cfg.target, dtype=dtype, device=device, layer_ids=layer_ids)
-    draft, src = load_draft(cfg.draft, target=target, device=device, dtype=dtype)
-    family_name = fam.name if fam is not None else "eagle3"
+    target, draft, src, family_name = load_target_and_draft(cfg.target, cfg.draft, device, dtype,
+                                                            cfg.aux_layer_ids, events)
+    reads_aux = family(family_name).reads_aux
     tok = load_tokenizer(cfg.tokenizer or cfg.target)
     items = read_prompts(prompt_source(cfg.prompts), cfg.max_prompts, events)
     prompts = [render_prompt(it, tok, cfg.chat_template, cfg.system_prompt) for it in items]
@@ -220,7 +232,8 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
 
     # Built before any generation: a config the draft cannot run (e.g. more Medusa heads than it has)
     # fails here, up front.
-    decoders = {s.label: make_decoder(family_name, target, draft, s, cfg.temperature) for s in specs if s.speculative}
+    decoders = {s.label: make_decoder(family_name, target, draft, s.steps, s.topk, s.draft_tokens,
+                                          cfg.temperature) for s in specs if s.speculative}
     # Warm-up (allocator, kernels, lazy init) so the first timed mode is not penalised.
     for i in range(min(cfg.warmup, len(prompts))):
         greedy_generate(target, prompts[i], min(8, cfg.max_new_tokens), stop, cfg.temperature, gen(i))

@@ -96,12 +96,13 @@ class HFDecoder:
 
 
 class SpecDecoderAdapter:
-    """`evaluate.spec_decode.SpecDecoder` behind the `Decoder` protocol."""
+    """An in-process speculative decoder (`SpecDecoder`, `MedusaDecoder`) behind the `Decoder` protocol."""
 
     speculative = True
 
-    def __init__(self, spec_decoder, eos_ids: Sequence[int], seed: int = 0):
+    def __init__(self, spec_decoder, eos_ids: Sequence[int], seed: int = 0, algorithm: str = "EAGLE3"):
         self.dec = spec_decoder
+        self.algorithm = algorithm   # what /get_server_info reports as speculative_algorithm
         self.eos_ids = sorted(set(int(e) for e in eos_ids))
         self.seed = seed
 
@@ -117,7 +118,7 @@ class SpecDecoderAdapter:
 
 
 def load_decoder(cfg: ServeReferenceConfig):
-    """(decoder, tokenizer) for a config: HF decoding, or the EAGLE3 decoder when a draft is given."""
+    """(decoder, tokenizer) for a config: HF decoding, or the draft family's decoder when a draft is given."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -127,15 +128,13 @@ def load_decoder(cfg: ServeReferenceConfig):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     eos = _eos_ids(tok, None)
     if cfg.draft:
-        # The in-process evaluator's loaders: the target captures the layers the draft was trained on.
-        from ..models.target import load_target
-        from ..models.serving import draft_layer_ids, load_draft
-        from .spec_decode import SpecDecoder
+        # The in-process evaluator's loaders and decoders: the target captures the layers the draft was
+        # trained on, the draft's family (EAGLE3 or Medusa) picks the decoder.
+        from .inprocess import load_target_and_draft, make_decoder
 
-        target = load_target(cfg.target, device=device, layer_ids=draft_layer_ids(cfg.draft))
-        draft, _src = load_draft(cfg.draft, target=target, device=device)
-        dec = SpecDecoder(target, draft, steps=cfg.steps, topk=cfg.topk, num_draft_tokens=cfg.draft_tokens)
-        return SpecDecoderAdapter(dec, _eos_ids(tok, target.model) or eos), tok
+        target, draft, _src, fam = load_target_and_draft(cfg.target, cfg.draft, device)
+        dec = make_decoder(fam, target, draft, cfg.steps, cfg.topk, cfg.draft_tokens)
+        return SpecDecoderAdapter(dec, _eos_ids(tok, target.model) or eos, algorithm=fam.upper()), tok
     model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.target), dtype=torch.float32).to(device)
     return HFDecoder(model, _eos_ids(tok, model) or eos, pad_id=tok.pad_token_id), tok
 
@@ -354,7 +353,7 @@ class ReferenceServer:
         t = self.totals
         info = {"model_path": self.model_path, "tokenizer_path": self.model_path,
                 "served_model_name": self.model_name,
-                "speculative_algorithm": "EAGLE3" if self.spec else None,
+                "speculative_algorithm": getattr(self.decoder, "algorithm", "EAGLE3") if self.spec else None,
                 "speculative_draft_model_path": self.draft_path, "speculative_num_steps": steps,
                 "speculative_eagle_topk": topk, "speculative_num_draft_tokens": n,
                 "tp_size": 1, "version": REFERENCE_VERSION, "frontend": "specforge-reference",
