@@ -1,4 +1,4 @@
-"""The target model wrapper: one forward pass gives what EAGLE3 trains on.
+"""The target model wrapper: one forward pass gives what EAGLE3 and Medusa train on.
 
 `Target.capture` returns the hidden states *output by* three decoder layers (default
 `[1, L//2 - 1, L - 4]`, 0-based) concatenated to `3*H` per token, the final normed hidden state and
@@ -6,6 +6,9 @@ the logits. The layer outputs are taken with forward hooks on `model.model.layer
 `output_hidden_states=True`, which would keep all L layers' states alive at once (memory on a big
 target). In HF's `hidden_states` tuple, entry `i + 1` is the output of layer `i` (entry 0 is the
 embedding); the hooks return exactly those tensors.
+
+A Medusa draft reads only the final normed hidden state: `Target(..., aux=False)` captures no layers
+(`layer_ids` is empty and `Capture.aux_hidden` None), so a target of any depth works.
 
 Works for any HF causal LM whose decoder stack is `model.model.layers` (Llama, Qwen2/3, Mistral,
 Gemma, Phi3, ...); anything else gets a clear error.
@@ -48,7 +51,8 @@ def validate_layer_ids(layer_ids: list[int], num_layers: int) -> list[int]:
 class Capture:
     """What one target forward pass gives the draft trainer."""
 
-    aux_hidden: Tensor   # [B, T, len(layer_ids) * H]: outputs of the capture layers, in layer_ids order
+    aux_hidden: Tensor | None  # [B, T, len(layer_ids) * H]: outputs of the capture layers, in layer_ids
+                               # order; None for a target built with aux=False
     logits: Tensor       # [B, T, V]
     last_hidden: Tensor  # [B, T, H]: after the final norm (logits = lm_head(last_hidden))
 
@@ -74,15 +78,19 @@ def _first_id(v) -> int | None:
 
 
 class Target:
-    """A frozen HF causal LM plus the layers EAGLE3 captures from it."""
+    """A frozen HF causal LM plus the layers EAGLE3 captures from it (none with aux=False)."""
 
-    def __init__(self, model, layer_ids: list[int] | None = None, pad_token_id: int | None = None):
+    def __init__(self, model, layer_ids: list[int] | None = None, pad_token_id: int | None = None,
+                 aux: bool = True):
         self._layers = _decoder_layers(model)
         self.model = model
         self.config = _text_config(model.config)
         n = len(self._layers)
         self.num_layers = n
-        self.layer_ids = validate_layer_ids(layer_ids, n) if layer_ids is not None else default_layer_ids(n)
+        if not aux:
+            self.layer_ids: list[int] = []
+        else:
+            self.layer_ids = validate_layer_ids(layer_ids, n) if layer_ids is not None else default_layer_ids(n)
         head = model.get_output_embeddings()
         if head is None:
             raise ValueError(f"{type(model).__name__} has no lm_head (output embeddings): not a causal LM")
@@ -99,8 +107,9 @@ class Target:
             p.requires_grad_(False)
 
     @classmethod
-    def from_model(cls, hf_model, layer_ids: list[int] | None = None, pad_token_id: int | None = None) -> "Target":
-        return cls(hf_model, layer_ids=layer_ids, pad_token_id=pad_token_id)
+    def from_model(cls, hf_model, layer_ids: list[int] | None = None, pad_token_id: int | None = None,
+                   aux: bool = True) -> "Target":
+        return cls(hf_model, layer_ids=layer_ids, pad_token_id=pad_token_id, aux=aux)
 
     @property
     def device(self) -> torch.device:
@@ -131,7 +140,8 @@ class Target:
 
     @torch.no_grad()
     def capture(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Capture:
-        """One forward pass: aux hidden states of `layer_ids`, logits, and the final normed state."""
+        """One forward pass: aux hidden states of `layer_ids` (None when there are none), logits, and the
+        final normed state (HF `last_hidden_state`, what Medusa heads read)."""
         captured: dict[int, Tensor] = {}
         handles = []
 
@@ -153,7 +163,7 @@ class Target:
             raise RuntimeError(f"decoder layers {missing} did not run in the forward pass "
                                f"({type(self.model).__name__}); cannot capture their outputs")
         last_hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        aux = torch.cat([captured[i] for i in self.layer_ids], dim=-1)
+        aux = torch.cat([captured[i] for i in self.layer_ids], dim=-1) if self.layer_ids else None
         return Capture(aux_hidden=aux, logits=self.logits_from_hidden(last_hidden), last_hidden=last_hidden)
 
 
@@ -164,8 +174,9 @@ def _pick_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def load_target(name: str, dtype: torch.dtype = torch.float32, device="cpu",
-                layer_ids: list[int] | None = None) -> Target:
-    """Load a target by name (`default`, a local HF dir, or a hub id) as a frozen `Target`."""
+                layer_ids: list[int] | None = None, aux: bool = True) -> Target:
+    """Load a target by name (`default`, a local HF dir, or a hub id) as a frozen `Target`; aux=False
+    captures no layers (a Medusa draft's target)."""
     from transformers import AutoModelForCausalLM
 
     from ..targets import ModelNotFoundError, resolve_model
@@ -186,4 +197,4 @@ def load_target(name: str, dtype: torch.dtype = torch.float32, device="cpu",
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     except Exception:  # noqa: BLE001 - a target without a tokenizer still works; pad falls back to the config
         pad = None
-    return Target(model, layer_ids=layer_ids, pad_token_id=pad)
+    return Target(model, layer_ids=layer_ids, pad_token_id=pad, aux=aux)

@@ -18,7 +18,10 @@ class DumpConfig(DataFields):
                                  "or give --train-data and it is built / found like the trainer does")
     # Same field as DataFields' (it keeps that position); only the help says what it means here.
     draft_vocab_size: int = Field(32000, ge=1, description="draft vocabulary size built with the cache")
-    aux_layer_ids: Optional[list[int]] = Field(None, description="target layers to capture "
+    draft_type: Literal["eagle3", "medusa"] = Field("eagle3", description="the draft family the store feeds: "
+                                                    "eagle3 keeps the captured aux layers (3H per token), medusa "
+                                                    "only the target's final normed last hidden state (H per token)")
+    aux_layer_ids: Optional[list[int]] = Field(None, description="eagle3: target layers to capture "
                                                "(default [1, L//2-1, L-4])")
     # Default = the smallest option costing < 2% simulated acceptance length against bf16 storage.
     # Measured by `.venv/bin/python bench/offline_quality.py` (its defaults: SmolLM2-135M on CPU, 80

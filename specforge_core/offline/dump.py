@@ -1,4 +1,4 @@
-"""The dump job: run the target once over a tokenised cache and keep what EAGLE3 needs in a store.
+"""The dump job: run the target once over a tokenised cache and keep what a draft needs in a store.
 
 `dump_hidden_states(cfg, events)` (CLI `dump-hidden-states`) builds or finds the tokenised cache
 exactly as the trainer does (same key, so online and offline runs see the same samples), emits the
@@ -10,8 +10,9 @@ at a time. A crash or SIGKILL loses at most the shard in flight: running the sam
 every committed sample. `--estimate` stops after the estimate; `--repair` drops corrupt or truncated
 shards and redoes their samples.
 
-What is stored per token is `format` (the aux states: bfloat16, float16, float32 or fp8_e4m3 with
-per-row scales) and, at the positions that teach, `teacher`: the last hidden state (training recomputes
+What is stored per token is `format` (the states: bfloat16, float16, float32 or fp8_e4m3 with
+per-row scales; for `--draft-type eagle3` the captured aux layers, 3H wide, for `medusa` the target's
+final normed last hidden state, H wide: run.json `states` aux / last) and, at the positions that teach, `teacher`: the last hidden state (training recomputes
 the logits with the target's lm_head; exact) or the target's top-`topk` logits (fp16 values + int32
 ids; training needs no lm_head; lossy). Bytes per token of each option are in `offline.store`'s
 docstring; the estimate event lists them for this data (`bytes_per_token_by_option`) beside the chosen
@@ -104,7 +105,7 @@ def length_batches(order: list[int], lengths: list[int], batch_tokens: int, max_
 
 
 def _check_existing(out: Path, identity: dict, key: str, fmt: str, layer_ids: list[int],
-                    teacher: str = "hidden", topk: int = 64) -> None:
+                    teacher: str = "hidden", topk: int = 64, states: str = "aux") -> None:
     if not (out / "run.json").exists():
         if out.exists() and any(p for p in out.iterdir() if p.name not in ("shards",)):
             raise StoreError(f"{out}: exists and is not a hidden-state store; choose another --output")
@@ -117,6 +118,8 @@ def _check_existing(out: Path, identity: dict, key: str, fmt: str, layer_ids: li
         diffs.append(f"cache {run.get('cache_key')!r} vs {key!r}")
     if run.get("format") != fmt:
         diffs.append(f"format {run.get('format')!r} vs {fmt!r}")
+    if run.get("states", "aux") != states:
+        diffs.append(f"states {run.get('states', 'aux')!r} vs {states!r} (--draft-type)")
     if list(run.get("layer_ids", [])) != list(layer_ids):
         diffs.append(f"layers {run.get('layer_ids')} vs {layer_ids}")
     if run.get("teacher", "hidden") != teacher:
@@ -148,10 +151,19 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
     out = Path(cfg.output)
     tconf = _target_config(cfg.target_model)
     n_layers = int(tconf.num_hidden_layers)
-    layer_ids = validate_layer_ids(cfg.aux_layer_ids, n_layers) if cfg.aux_layer_ids else default_layer_ids(n_layers)
-    problems = family("eagle3").layer_problems(layer_ids, n_layers)
-    if problems:
-        raise ValueError("--aux-layer-ids: " + "; ".join(problems))
+    reads_aux = family(cfg.draft_type).reads_aux
+    states = "aux" if reads_aux else "last"
+    if not reads_aux:
+        if cfg.aux_layer_ids:
+            raise ValueError(f"--aux-layer-ids: a {cfg.draft_type} draft reads only the target's last hidden state")
+        layer_ids: list[int] = []
+    else:
+        layer_ids = validate_layer_ids(cfg.aux_layer_ids, n_layers) if cfg.aux_layer_ids \
+            else default_layer_ids(n_layers)
+        problems = family(cfg.draft_type).layer_problems(layer_ids, n_layers)
+        if problems:
+            raise ValueError("--aux-layer-ids: " + "; ".join(problems))
+    n_states = len(layer_ids) if reads_aux else 1   # H-wide states per token
     H = int(tconf.hidden_size)
     identity = target_identity(cfg.target_model)
     vocab_size = int(identity.get("vocab_size") or tconf.vocab_size)
@@ -161,14 +173,14 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
     if data.vocab.target_vocab_size != vocab_size:
         raise ValueError(f"the tokenised cache {data.path} maps a target vocab of {data.vocab.target_vocab_size} ids, "
                          f"but {cfg.target_model} has {vocab_size}: tokenizer and target do not match")
-    _check_existing(out, identity, key, cfg.format, layer_ids, cfg.teacher, cfg.topk)
+    _check_existing(out, identity, key, cfg.format, layer_ids, cfg.teacher, cfg.topk, states)
     tk = {"teacher": cfg.teacher, "topk": cfg.topk}
 
     splits = [(s, data.train if s == "train" else data.eval) for s in cfg.splits
               if (data.train if s == "train" else data.eval) is not None]
     writer = None
     if (out / "run.json").exists() and not cfg.estimate:
-        writer = StoreWriter(out, cfg.format, len(layer_ids), int(cfg.shard_mb * (1 << 20)),
+        writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)),
                              verify=cfg.repair, repair=cfg.repair, events=events, **tk)
     stats = {s: _split_stats(ds) for s, ds in splits}
     todo = {s: [i for i in range(len(ds)) if writer is None or not writer.exists(s, i)] for s, ds in splits}
@@ -176,20 +188,25 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
     # -- the estimate, before anything heavy ---------------------------------------------------------
     total_tokens = sum(sum(st[0]) for st in stats.values())
     total_rows = sum(sum(st[1]) for st in stats.values())
-    need_all = sum(estimate_bytes(st[0], st[1], H, cfg.format, len(layer_ids), **tk) for st in stats.values())
+    need_all = sum(estimate_bytes(st[0], st[1], H, cfg.format, n_states, **tk) for st in stats.values())
     need = sum(estimate_bytes([stats[s][0][i] for i in todo[s]], [stats[s][1][i] for i in todo[s]], H, cfg.format,
-                              len(layer_ids), **tk) for s in todo)
+                              n_states, **tk) for s in todo)
     free = _free_bytes(out)
     frac = total_rows / max(total_tokens, 1)
     est = {"format": cfg.format, "teacher": cfg.teacher, **({"topk": cfg.topk} if cfg.teacher == "topk" else {}),
+           "draft_type": cfg.draft_type, "states": states,
            "hidden_size": H, "layer_ids": layer_ids, "samples": sum(len(st[0]) for st in
            stats.values()), "tokens": total_tokens, "teacher_rows": total_rows, "teacher_fraction": round(frac, 4),
            "bytes_per_token": round(need_all / max(total_tokens, 1), 2),
-           "bytes_per_token_formula": round(bytes_per_token(H, cfg.format, frac, len(layer_ids), **tk), 2),
+           "bytes_per_token_formula": round(bytes_per_token(H, cfg.format, frac, n_states, **tk), 2),
            "bytes_per_token_by_option": {
-               (f if t == "hidden" else f"{f}+top{cfg.topk}"): round(bytes_per_token(H, f, frac, len(layer_ids), t,
+               (f if t == "hidden" else f"{f}+top{cfg.topk}"): round(bytes_per_token(H, f, frac, n_states, t,
                                                                                     cfg.topk), 1)
                for f in ("float32", "bfloat16", "fp8_e4m3") for t in ("hidden", "topk")},
+           # This format and teacher for either family, so the two can be compared before dumping.
+           "bytes_per_token_by_draft_type": {
+               "eagle3": round(bytes_per_token(H, cfg.format, frac, 3, **tk), 1),
+               "medusa": round(bytes_per_token(H, cfg.format, frac, 1, **tk), 1)},
            "specforge_bytes_per_token": specforge_bytes_per_token(H), "estimated_bytes": need_all,
            "remaining_bytes": need, "free_bytes": free,
            "remaining_samples": sum(len(v) for v in todo.values())}
@@ -210,16 +227,17 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     use_bf16 = cfg.target_dtype == "bfloat16" or (cfg.target_dtype == "auto" and device.type == "cuda")
     target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device,
-                         layer_ids=layer_ids)
+                         layer_ids=layer_ids if reads_aux else None, aux=reads_aux)
     if not (out / "run.json").exists():
         write_run_json(out, STORE_KIND, cfg, store_format=STORE_FORMAT, format=cfg.format, target=identity,
                        teacher=cfg.teacher, topk=cfg.topk if cfg.teacher == "topk" else None,
                        cache_key=key, cache_path=str(data.path), layer_ids=layer_ids, hidden_size=H,
+                       states=states, draft_type=cfg.draft_type,
                        vocab_size=target.vocab_size, num_layers=target.num_layers,
                        pad_token_id=target.pad_token_id, target_dtype="bfloat16" if use_bf16 else "float32",
                        split_sizes={s: len(ds) for s, ds in splits})
     if writer is None:
-        writer = StoreWriter(out, cfg.format, len(layer_ids), int(cfg.shard_mb * (1 << 20)), events=events, **tk)
+        writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)), events=events, **tk)
     events.emit("dump_start", output=str(out), device=str(device), already_done=sum(writer.done_count(s)
                 for s, _ in splits), remaining_samples=est["remaining_samples"])
 
@@ -249,7 +267,7 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
             for b, idx in enumerate(group):
                 n = lengths[idx]
                 pos = teacher_positions(batch.loss_mask[b, :n].cpu())
-                aux = cap.aux_hidden[b, :n]
+                aux = (cap.aux_hidden if reads_aux else cap.last_hidden)[b, :n]   # the draft's input states
                 if cfg.teacher == "topk":
                     # The check reads the logits the top-k is taken from: a NaN anywhere in a row counts.
                     logits = cap.logits[b, :n][pos.long().to(device)]
@@ -272,7 +290,8 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
         events.progress(done, total, what=f"{split} samples dumped", force=True)
     complete = {s: all(writer.exists(s, i) for i in range(len(ds))) for s, ds in splits}
     summary = writer.finish(complete, {"seconds": round(time.time() - t0, 2)})
-    result = {"output": str(out), "format": cfg.format, "teacher": cfg.teacher, "complete": complete,
+    result = {"output": str(out), "format": cfg.format, "teacher": cfg.teacher, "states": states,
+              "complete": complete,
               "samples": {s: v["samples"] for s, v in summary["splits"].items()},
               "skipped": {s: v["skipped"] for s, v in summary["splits"].items()},
               "bytes": sum(v["bytes"] for v in summary["splits"].values()),

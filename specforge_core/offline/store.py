@@ -1,4 +1,4 @@
-"""The offline hidden-state store: what a target forward pass gives EAGLE3, kept on disk for training.
+"""The offline hidden-state store: what a target forward pass gives a draft, kept on disk for training.
 
 Layout of a store directory:
   run.json          self-description: kind `hidden-states`, the dump config, the tokenised cache (path +
@@ -13,8 +13,12 @@ Layout of a store directory:
                     fsynced and renamed: a reader never sees half a shard.
 
 What a shard holds (rows of all its samples, concatenated):
-  aux        [tokens, 3H]   the captured layer outputs, for every token (bf16 by default)
-  aux_scale  [tokens, 3]    bf16 per-(token, layer) scales, only for the fp8 (e4m3) format
+  aux        [tokens, 3H]   the captured layer outputs, for every token (bf16 by default); in a store of
+                            `states: last` (run.json; a Medusa dump, `--draft-type medusa`) [tokens, H]:
+                            the target's final normed last hidden state, what Medusa heads read, and no
+                            captured layers (`layer_ids` [])
+  aux_scale  [tokens, 3]    bf16 per-(token, layer) scales, only for the fp8 (e4m3) format ([tokens, 1]
+                            for `states: last`)
   last       [rows, H]      the target's final normed hidden state, only at the positions that teach
                             something: s such that token s+1 is trained (loss_mask[s+1] == 1). The TTT
                             reads the teacher at t+1+k to predict token t+2+k and gates it by
@@ -38,6 +42,9 @@ k = top-k; a teacher row costs 2H (hidden, bf16/fp16/fp8 formats), 4H (float32) 
   bfloat16 + top-64         6H + f*(6k + 4)            3650                24770
   fp8_e4m3 + top-64         3H + 6 + f*(6k + 4)        1928                12488
   (the numbers are at f = 0.5, typical of chat data; `bytes_per_token` / `estimate_bytes` are exact.)
+A `states: last` store (Medusa) keeps one H-wide state per token instead of three: 2H (bf16), H + 2
+(fp8), 4H (fp32), plus the same teacher rows (a hidden teacher duplicates those rows of the states:
+kept, so the teacher stays bf16 when the states are fp8 and both families share one reader).
 SpecForge stores 8H + 16 per token (three aux states + last hidden state in bf16, plus ids and mask):
 4624 B for H=576, 32 KiB per token for an 8B target. fp8 is half of that, fp8 + top-64 about 38%.
 What each lossy option costs in draft quality is measured by bench/offline_quality.py; the dump's
@@ -66,6 +73,7 @@ from ..events import read_events
 
 STORE_KIND = "hidden-states"
 STORE_FORMAT = 2           # 2: optional top-k teacher; format-1 stores (last hidden state) still read
+STATES = ("aux", "last")   # run.json `states`: captured aux layers (EAGLE3) or the last hidden state (Medusa)
 JOURNAL = "manifest.jsonl"
 SUMMARY = "manifest.json"
 SHARDS = "shards"
@@ -249,7 +257,8 @@ class TargetHead:
     """
 
     def __init__(self, name: str, dtype: torch.dtype = torch.float32, device="cpu",
-                 layer_ids: list[int] | None = None, pad_token_id: int | None = None, lm_head: bool = True):
+                 layer_ids: list[int] | None = None, pad_token_id: int | None = None, lm_head: bool = True,
+                 aux: bool = True):
         from transformers import AutoConfig
 
         from ..models.target import default_layer_ids, validate_layer_ids
@@ -260,8 +269,11 @@ class TargetHead:
         get = getattr(conf, "get_text_config", None)
         self.config = get() if callable(get) else conf
         self.num_layers = int(self.config.num_hidden_layers)
-        self.layer_ids = validate_layer_ids(layer_ids, self.num_layers) if layer_ids is not None \
-            else default_layer_ids(self.num_layers)
+        if not aux:  # a Medusa run: no captured layers
+            self.layer_ids: list[int] = []
+        else:
+            self.layer_ids = validate_layer_ids(layer_ids, self.num_layers) if layer_ids is not None \
+                else default_layer_ids(self.num_layers)
         self.hidden_size = int(self.config.hidden_size)
         lookup = _weight_lookup(resolved)
         emb = _read_tensor(lookup, ("embed_tokens.weight",)) if lookup else None
@@ -629,7 +641,9 @@ class HiddenStateStore:
         self.topk = int(self.run.get("topk") or DEFAULT_TOPK)
         self.hidden_size = int(self.run["hidden_size"])
         self.layer_ids = list(self.run["layer_ids"])
-        self.num_aux_layers = len(self.layer_ids)
+        self.states = store_states(self.run)
+        # A last-state store keeps one H-wide state per token where an aux store keeps len(layer_ids).
+        self.num_aux_layers = 1 if self.states == "last" else len(self.layer_ids)
         self.verify = verify
         self.records = read_journal(self.dir)
         self._where: dict[tuple[str, int], tuple[dict, int]] = {}
@@ -729,10 +743,31 @@ class HiddenStateStore:
         return aux, ((vals, ids) if self.teacher == "topk" else last)
 
 
+def store_states(run: dict) -> str:
+    """What a store's per-token states are: "aux" (captured layers; every store before Medusa) or "last"."""
+    st = run.get("states", "aux")
+    if st not in STATES:
+        raise StoreError(f"unknown store states {st!r} in run.json; expected one of {STATES}")
+    return st
+
+
 def check_store_matches(run: dict, *, target: dict | None = None, cache_key: str | None = None,
-                        vocab_size: int | None = None, layer_ids: list[int] | None = None, where: str = "") -> None:
-    """Refuse a store made from another target / cache / vocab, saying what differs."""
+                        vocab_size: int | None = None, layer_ids: list[int] | None = None,
+                        reads_aux: bool | None = None, draft_type: str | None = None, where: str = "") -> None:
+    """Refuse a store made from another target / cache / vocab, or holding states this draft family does
+    not read, saying what differs."""
     w = where or "hidden-state store"
+    if reads_aux is not None:
+        st = store_states(run)
+        kind = f"a {draft_type} draft" if draft_type else "this draft"
+        if reads_aux and st == "last":
+            raise StoreError(f"{w}: holds only the target's last hidden state (dumped with --draft-type "
+                             f"{run.get('draft_type', 'medusa')}), but {kind} reads the captured aux layers: dump "
+                             "again with dump-hidden-states --draft-type eagle3 (another --output)")
+        if not reads_aux and st == "aux":
+            raise StoreError(f"{w}: holds captured aux layers (an EAGLE3 dump), but {kind} reads the target's "
+                             "last hidden state, which the store does not keep: dump again with dump-hidden-states "
+                             f"--draft-type {draft_type or 'medusa'} (another --output)")
     if target is not None:
         st = run.get("target", {})
         if st.get("sha256") != target.get("sha256"):

@@ -10,9 +10,14 @@ from pydantic import Field, model_validator
 from ..config import JobConfig
 from ..data.config import DataFields
 
+# The draft families `models.registry` defines (a config module imports no registry: floors in
+# docs/ARCHITECTURE.md); tests/test_medusa.py checks the two agree.
+DRAFT_TYPES = ("eagle3", "medusa")
+DraftType = Literal["eagle3", "medusa"]
+
 
 class TrainConfig(DataFields):
-    """Train an EAGLE3 draft against a target (online: the target computes hidden states on the fly)."""
+    """Train a draft (EAGLE3 or Medusa) against a target (online: the target computes hidden states on the fly)."""
 
     # -- what to train on (with DataFields: target, data, tokenising, cache, draft vocab) ----------
     train_hidden_states: Optional[str] = Field(None, description="offline training: a hidden-state store "
@@ -20,6 +25,9 @@ class TrainConfig(DataFields):
     eval_hidden_states: Optional[str] = Field(None, description="offline eval: a hidden-state store")
 
     # -- the draft ---------------------------------------------------------------------------------
+    draft_type: DraftType = Field("eagle3", description="draft family: eagle3 (one decoder layer over 3 "
+                                  "captured target layers, trained by TTT) or medusa (K heads over the target's "
+                                  "last hidden state)")
     draft_model_config: Optional[str] = Field(None, description="JSON draft config (SpecForge style) "
                                               "overriding the one derived from the target")
     aux_layer_ids: Optional[list[int]] = Field(None, description="target layers to capture "
@@ -28,6 +36,9 @@ class TrainConfig(DataFields):
     ttt_decay: float = Field(0.8, gt=0.0, le=1.0, description="weight of step k is decay**k")
     attention_backend: Literal["sdpa", "flex", "eager"] = Field("sdpa", description="draft attention kernel "
                                                        "(flex needs a GPU)")
+    medusa_num_heads: int = Field(3, ge=1, le=16, description="medusa: heads K (head i predicts token t+2+i)")
+    medusa_num_layers: int = Field(1, ge=1, le=8, description="medusa: residual blocks per head")
+    medusa_decay: float = Field(0.8, gt=0.0, le=1.0, description="medusa: weight of head i is decay**i")
 
     # -- optimisation ------------------------------------------------------------------------------
     lr: float = Field(1e-4, gt=0.0, description="peak learning rate (AdamW)")
@@ -66,7 +77,19 @@ class TrainConfig(DataFields):
     def _check_sources(self):
         if not self.train_data and not self.train_hidden_states:
             raise ValueError("give --train-data (online) or --train-hidden-states (offline)")
+        if self.draft_type == "medusa" and self.aux_layer_ids is not None:
+            raise ValueError("--aux-layer-ids: a Medusa draft reads only the target's last hidden state")
         return self
+
+    # What the metrics columns (acc_k, ploss_k) count and how the loss weighs them, for either family:
+    # EAGLE3's TTT steps, Medusa's heads.
+    @property
+    def draft_steps(self) -> int:
+        return self.medusa_num_heads if self.draft_type == "medusa" else self.ttt_length
+
+    @property
+    def loss_decay(self) -> float:
+        return self.medusa_decay if self.draft_type == "medusa" else self.ttt_decay
 
 
 class ExportConfig(JobConfig):

@@ -1,12 +1,18 @@
-"""The EAGLE3 trainer: `train(config, events)`, the one function the CLI, the GUI and notebooks call.
+"""The draft trainer (EAGLE3 or Medusa): `train(config, events)`, the one function the CLI, the GUI and
+notebooks call.
 
 `train` (at the bottom; the pieces above come in the order it uses them) reads top to bottom: set
 up (distributed, target or hidden-state store, tokenised cache and draft vocab, draft, optimizer,
 schedule), resume if asked, then the loop. Each `train_step` runs `grad_accum` micro-batches of
-(teacher -> training-time test -> backward), then gradient all-reduce, clip and step; the loop logs
+(teacher -> the family's loss -> backward), then gradient all-reduce, clip and step; the loop logs
 train metrics to `metrics.jsonl`, evaluates and checkpoints on schedule. Everything the loop carries
 from step to step is a `TrainState`, which is what a checkpoint saves: SIGTERM (a GUI cancel) makes
 the loop checkpoint and stop, and `--resume` continues as if never stopped.
+
+The family (`--draft-type`) decides what the teacher hands the draft and which loss runs: EAGLE3 gets
+the captured aux layers and the unrolled TTT (`ttt.py`), Medusa the target's final normed last hidden
+state and the per-head loss (`medusa_loss.py`). Both give a `TTTOutput` (one entry per TTT step or
+head), so metrics, keep-best and early stopping are the same code.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
 from .metrics import TTTMetrics
 from .tracking import Tracker
+from .medusa_loss import medusa_forward
 from .ttt import TTTOutput, ttt_forward
 
 
@@ -68,20 +75,29 @@ def load_training_data(cfg: TrainConfig, info: DistInfo, events: Events, target_
     return load_cache(summary["path"])
 
 
-class OnlineTeacher:
-    """The resident target: one forward pass gives the aux hidden states and the logits."""
+def _family(cfg: TrainConfig):
+    from ..models.registry import family
 
-    def __init__(self, target):
+    return family(cfg.draft_type)
+
+
+class OnlineTeacher:
+    """The resident target: one forward pass gives the states the draft reads (the aux hidden states for
+    EAGLE3, the final normed last hidden state for a family that reads no aux layers) and the logits."""
+
+    def __init__(self, target, reads_aux: bool = True):
         self.target = target
+        self.reads_aux = reads_aux
 
     @torch.no_grad()
     def __call__(self, batch: Batch, split: str = "train"):
         out = self.target.capture(batch.input_ids, batch.attention_mask)
-        return out.aux_hidden, out.logits
+        return (out.aux_hidden if self.reads_aux else out.last_hidden), out.logits
 
 
 class OfflineTeacher:
-    """A hidden-state store in place of the target: aux states read from disk; logits recomputed from the
+    """A hidden-state store in place of the target: the draft's input states (aux layers, or the last
+    hidden state for a `states: last` store) read from disk; logits recomputed from the
     stored last hidden state with the target's lm_head (zero rows where the TTT never counts), or, for a
     top-k store, rebuilt from the stored top-k logits (a low finite floor elsewhere: see `topk_logits`)."""
 
@@ -127,14 +143,17 @@ def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bo
     """(target head, teacher, data, train dataset, eval dataset) for offline training.
 
     The target's decoder weights are never loaded: only its config, embedding and (unless every store
-    holds a top-k teacher) lm_head. The store must come from this target (weights hash), these layers
-    and this tokenised cache."""
+    holds a top-k teacher and the draft needs no warm start) lm_head. The store must come from this
+    target (weights hash), these layers and this tokenised cache, and hold the states this family reads
+    (aux layers for EAGLE3, the last hidden state for Medusa)."""
     from ..config import read_run_json
     from ..offline.store import HiddenStateStore, StoreError, TargetHead, check_store_matches, target_identity
 
+    reads_aux = _family(cfg).reads_aux
     store = HiddenStateStore(cfg.train_hidden_states)
     run = store.run
     where = str(store.dir)
+    check_store_matches(run, reads_aux=reads_aux, draft_type=cfg.draft_type, where=where)
     name = cfg.target_model if "target_model" in cfg.model_fields_set else run["target"]["resolved"]
     ident = target_identity(name)
     check_store_matches(run, target=ident, where=where)
@@ -142,9 +161,12 @@ def setup_offline(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: bo
         check_store_matches(run, layer_ids=cfg.aux_layer_ids, where=where)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     ev_store = HiddenStateStore(cfg.eval_hidden_states) if cfg.eval_hidden_states else store
-    need_head = store.teacher != "topk" or ev_store.teacher != "topk" or cfg.init_from_target
-    head = TargetHead(name, dtype=dtype, device=info.device, layer_ids=run["layer_ids"],
-                      pad_token_id=run.get("pad_token_id"), lm_head=need_head)
+    if cfg.eval_hidden_states:
+        check_store_matches(ev_store.run, reads_aux=reads_aux, draft_type=cfg.draft_type, where=str(ev_store.dir))
+    # Medusa heads always start from the target's lm_head (`build_draft_model`).
+    need_head = store.teacher != "topk" or ev_store.teacher != "topk" or cfg.init_from_target or not reads_aux
+    head = TargetHead(name, dtype=dtype, device=info.device, layer_ids=run["layer_ids"] if reads_aux else None,
+                      pad_token_id=run.get("pad_token_id"), lm_head=need_head, aux=reads_aux)
     check_store_matches(run, vocab_size=head.vocab_size, where=where)
     dump_cfg = run.get("config") or {}
     if cfg.train_data:
@@ -199,12 +221,14 @@ def setup_online(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: boo
     and runs on every batch."""
     from ..models.target import load_target
 
+    reads_aux = _family(cfg).reads_aux
     target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32,
-                         device=info.device, layer_ids=capture_layers(cfg))
-    servable_or_raise(target.layer_ids, target.num_layers)
+                         device=info.device, layer_ids=capture_layers(cfg) if reads_aux else None, aux=reads_aux)
+    if reads_aux:
+        servable_or_raise(target.layer_ids, target.num_layers)
     data = load_training_data(cfg, info, events, target.vocab_size)
     eval_ds = None if data.eval is None else data.eval.select(range(min(len(data.eval), cfg.eval_max_samples)))
-    return target, OnlineTeacher(target), data, data.train, eval_ds
+    return target, OnlineTeacher(target, reads_aux), data, data.train, eval_ds
 
 
 def draft_overrides(cfg: TrainConfig) -> dict | None:
@@ -221,9 +245,7 @@ def draft_overrides(cfg: TrainConfig) -> dict | None:
 def capture_layers(cfg: TrainConfig) -> list[int] | None:
     """The target layers to capture: --aux-layer-ids, else the ones a --draft-model-config names, else
     None (the target's default). The two must agree: one set is trained and the same set is served."""
-    from ..models.registry import family
-
-    named = family("eagle3").layers_from_overrides(draft_overrides(cfg))
+    named = _family(cfg).layers_from_overrides(draft_overrides(cfg))
     if cfg.aux_layer_ids is not None and named is not None and list(cfg.aux_layer_ids) != named:
         raise ValueError(f"--aux-layer-ids {list(cfg.aux_layer_ids)} and the layers {cfg.draft_model_config} "
                          f"names {named} differ: the target would capture one set and the server feed the other; "
@@ -234,26 +256,37 @@ def capture_layers(cfg: TrainConfig) -> list[int] | None:
 def servable_or_raise(layer_ids: list[int], num_layers: int) -> None:
     from ..models.registry import family
 
-    problems = family("eagle3").layer_problems(layer_ids, num_layers)
+    problems = family("eagle3").layer_problems(layer_ids, num_layers)  # only EAGLE3 captures layers
     if problems:
         raise ValueError("--aux-layer-ids: " + "; ".join(problems))
 
 
 def build_draft_model(cfg: TrainConfig, target, data, device: torch.device):
     """(draft, draft config): shaped after the target (plus --draft-model-config overrides), with the
-    target's embedding and the cache's draft vocabulary. The family comes from the registry."""
-    from ..models.registry import build_draft, family
+    target's embedding (EAGLE3) and the cache's draft vocabulary. The family (`--draft-type`) comes from
+    the registry. Medusa heads always start as the target's lm_head rows of the draft vocabulary with
+    identity blocks (Medusa's own initialisation); EAGLE3 warm-starts only with --init-from-target."""
+    from ..models.registry import build_draft
 
     vocab = data.vocab
     if vocab.target_vocab_size != target.vocab_size:
         raise ValueError(f"the draft vocab in {data.path} maps a target vocab of {vocab.target_vocab_size} ids, "
                          f"but {cfg.target_model} has {target.vocab_size}: tokenizer and target do not match")
-    draft_config = family("eagle3").build_config(target.config, vocab.draft_vocab_size, layer_ids=target.layer_ids,
-                                                 overrides=draft_overrides(cfg))
+    fam = _family(cfg)
+    extra = {"num_heads": cfg.medusa_num_heads, "num_layers": cfg.medusa_num_layers} \
+        if cfg.draft_type == "medusa" else {}
+    draft_config = fam.build_config(target.config, vocab.draft_vocab_size, layer_ids=target.layer_ids,
+                                    overrides=draft_overrides(cfg), **extra)
     draft = build_draft(draft_config)
-    draft.load_embedding(target.embedding_weight())
+    if hasattr(draft, "load_embedding"):
+        draft.load_embedding(target.embedding_weight())
     draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
-    if cfg.init_from_target:
+    if hasattr(draft, "init_from_target"):
+        head = target.lm_head_weight()
+        if head is None:
+            raise ValueError("the Medusa heads start from the target's lm_head, which was not loaded")
+        draft.init_from_target(head.detach().float().cpu(), vocab.t2d)
+    elif cfg.init_from_target:
         warm_start(draft, target, vocab)
     return draft.to(device), draft_config
 
@@ -376,11 +409,15 @@ def epoch_batches(batches: EpochBatches, state: TrainState, epochs: int) -> Iter
 
 
 def run_ttt(run: Run, batch: Batch, split: str = "train") -> TTTOutput:
-    """The teacher's view of the batch, then the draft's unrolled TTT against it."""
-    aux, logits = run.teacher(batch, split)
+    """The teacher's view of the batch, then the family's loss against it: EAGLE3's unrolled TTT, or the
+    Medusa heads' per-head loss (same output shape: one entry per step / head)."""
+    states, logits = run.teacher(batch, split)
     cfg = run.cfg
     with torch.autocast(device_type=run.info.device.type, dtype=torch.bfloat16) if run.bf16 else nullcontext():
-        return ttt_forward(run.draft, batch.input_ids, aux, logits, batch.loss_mask, batch.attention_mask,
+        if cfg.draft_type == "medusa":
+            return medusa_forward(run.draft, states, logits, batch.loss_mask, batch.attention_mask,
+                                  decay=cfg.medusa_decay)
+        return ttt_forward(run.draft, batch.input_ids, states, logits, batch.loss_mask, batch.attention_mask,
                            ttt_length=cfg.ttt_length, decay=cfg.ttt_decay, attention_backend=cfg.attention_backend)
 
 
@@ -390,7 +427,7 @@ def train_step(run: Run, state: TrainState, micro_batches: Iterator[tuple[int, B
     stepped. None when no micro-batch was left."""
     cfg = run.cfg
     run.opt.zero_grad(set_to_none=True)
-    metrics, tokens, n = TTTMetrics(cfg.ttt_length), 0, 0
+    metrics, tokens, n = TTTMetrics(cfg.draft_steps), 0, 0
     for index, batch in itertools.islice(micro_batches, cfg.grad_accum):
         state.micro = index + 1
         batch = batch.to(run.info.device)
@@ -413,7 +450,7 @@ def log_train(run: Run, state: TrainState, out: StepOutput, tokens_per_s: float,
     """A train row of `metrics.jsonl` and a progress event. Its TTT metrics are this step's, pooled over
     ranks (not a mean since the last log); `tokens_per_s` is the caller's, over the whole interval."""
     m = out.metrics.reduced(lambda sums: all_reduce_sum(sums, run.info))
-    row = {"split": "train", "step": state.step, "epoch": state.epoch, **m.row(run.cfg.ttt_decay),
+    row = {"split": "train", "step": state.step, "epoch": state.epoch, **m.row(run.cfg.loss_decay),
            "lr": run.sched.get_last_lr()[0], "grad_norm": float(out.grad_norm),
            "counted_positions": int(m.counts[0]), "tokens_per_s": tokens_per_s, "loss_normalization": "counted"}
     run.tracker.log(row)
@@ -429,14 +466,14 @@ def evaluate(run: Run, state: TrainState) -> dict | None:
         return None
     batches = EpochBatches(ds, cfg.batch_size, cfg.seed, info.rank, info.world_size, shuffle=False,
                            pad_id=run.pad_id)
-    metrics = TTTMetrics(cfg.ttt_length)
+    metrics = TTTMetrics(cfg.draft_steps)
     run.draft.eval()
     with torch.no_grad():
         for _, batch in batches.iter_epoch(0):
             metrics.add(run_ttt(run, batch.to(info.device), "eval"))
     run.draft.train()
     m = metrics.reduced(lambda sums: all_reduce_sum(sums, info))
-    row = {"split": "eval", "step": state.step, "epoch": state.epoch, **m.row(cfg.ttt_decay), "samples": len(ds)}
+    row = {"split": "eval", "step": state.step, "epoch": state.epoch, **m.row(cfg.loss_decay), "samples": len(ds)}
     run.tracker.log(row)
     run.events.emit("eval", **{k: v for k, v in row.items() if k in ("step", "loss", "acc_0", "sim_accept_len")})
     return row
@@ -487,7 +524,7 @@ def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> 
               target.pad_token_id, eval_ds)
     state = resume(run) if cfg.resume else TrainState()
     if info.is_main:
-        write_run_json(run_dir, "train-eagle3", cfg, draft_config=draft_config.to_dict(), cache=str(data.path),
+        write_run_json(run_dir, f"train-{cfg.draft_type}", cfg, draft_config=draft_config.to_dict(), cache=str(data.path),
                        world_size=info.world_size, mode="offline" if cfg.train_hidden_states else "online")
 
     # -- loop --------------------------------------------------------------------------------------
