@@ -55,7 +55,7 @@ def setup():
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=V, num_hidden_layers=4)).eval()
-    target = Target(model, layer_ids=[1])
+    target = Target(model, aux=False)
     keep = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:256].sort().values
     reduced = make_medusa(target, K, keep)
     full = make_medusa(target, K, None, seed=1)

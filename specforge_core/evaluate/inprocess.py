@@ -58,15 +58,14 @@ def load_target_and_draft(target_name: str, draft_path, device, dtype: torch.dty
 
     arch = locate_draft(draft_path).config.get("architectures") or [None]
     fam = family_for(arch[0]) if isinstance(arch[0], str) else None   # None: load_draft says why
-    if fam is None or fam.reads_aux:
+    aux = fam is None or fam.reads_aux
+    layer_ids = None
+    if aux:
         layer_ids = aux_layer_ids or draft_layer_ids(draft_path)
-    else:
-        # The draft reads only the final normed hidden state (Medusa): nothing is captured, and the
-        # target wrapper's capture list is a placeholder that is valid for any depth.
-        if aux_layer_ids and events is not None:
-            events.warning(f"--aux-layer-ids is ignored: a {fam.name} draft reads no captured target layers")
-        layer_ids = [0]
-    target = load_target(target_name, dtype=dtype, device=device, layer_ids=layer_ids)
+    elif aux_layer_ids and events is not None:
+        # The draft reads only the final normed hidden state (Medusa): nothing is captured.
+        events.warning(f"--aux-layer-ids is ignored: a {fam.name} draft reads no captured target layers")
+    target = load_target(target_name, dtype=dtype, device=device, layer_ids=layer_ids, aux=aux)
     draft, src = load_draft(draft_path, target=target, device=device, dtype=dtype)
     return target, draft, src, fam.name if fam is not None else "eagle3"
 
@@ -205,7 +204,6 @@ def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dic
 
 
 def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
-    from ..models.registry import family
     from ..targets import load_tokenizer
 
     t_start = time.time()
@@ -215,15 +213,13 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     device, dtype = _device_dtype(cfg)
     target, draft, src, family_name = load_target_and_draft(cfg.target, cfg.draft, device, dtype,
                                                             cfg.aux_layer_ids, events)
-    reads_aux = family(family_name).reads_aux
     tok = load_tokenizer(cfg.tokenizer or cfg.target)
     items = read_prompts(prompt_source(cfg.prompts), cfg.max_prompts, events)
     prompts = [render_prompt(it, tok, cfg.chat_template, cfg.system_prompt) for it in items]
     stop = eos_ids(tok, target)
-    aux_ids = list(target.layer_ids) if reads_aux else []
     events.emit("evaluate_start", target=cfg.target, draft=str(src.path), draft_kind=src.kind,
                 draft_family=family_name, prompts=len(prompts), configs=cfg.configs, device=str(device),
-                dtype=str(dtype).replace("torch.", ""), aux_layer_ids=aux_ids)
+                dtype=str(dtype).replace("torch.", ""), aux_layer_ids=list(target.layer_ids))
     torch.manual_seed(cfg.seed)
 
     def gen(i: int) -> torch.Generator | None:
