@@ -298,6 +298,12 @@ def test_evaluate_job_on_checkpoint_dir(tiny_dirs, tmp_path):
         assert 1.0 <= r["acceptance_length"] < 1.5 and r["speedup"] > 0
         assert r["completion_tokens"] == saved["baseline"]["completion_tokens"]
         assert len(r["per_position_accept_rate"]) == 2
+        # The profile adds up: prefill + target + draft + bookkeeping = the mode's wall time.
+        tb = r["time_breakdown"]
+        assert tb["target_s"] > 0 and tb["draft_s"] > 0 and tb["other_s"] >= 0
+        assert abs(tb["prefill_s"] + tb["target_s"] + tb["draft_s"] + tb["other_s"] - r["wall_s"]) < 1e-2
+        assert r["verify_step_cost_in_decode_steps"] > 0
+    assert saved["baseline"]["time_breakdown"]["draft_s"] == 0 and saved["prompts_done"] == 3
 
 
 @pytest.mark.unit

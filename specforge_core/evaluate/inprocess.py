@@ -200,6 +200,16 @@ def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dic
                            "wall_s": round(wall, 4), "tokens_per_s": toks / wall if wall > 0 else None,
                            "stopped_eos": sum(r.stopped == "eos" for r in results)}
     out.update(acceptance_summary(results, steps))
+    prefill, target, draft = (sum(getattr(r, k) for r in results) for k in ("prefill_s", "target_s", "draft_s"))
+    other = max(wall - prefill - target - draft, 0.0)
+    n = out["verify_steps"]
+    out["time_breakdown"] = {
+        "prefill_s": round(prefill, 4), "target_s": round(target, 4), "draft_s": round(draft, 4),
+        "other_s": round(other, 4),
+        # per decode step (baseline) or verify step (speculative), prefill excluded
+        "ms_per_step": {k: (1000 * v / n if n else None) for k, v in
+                        (("target", target), ("draft", draft), ("other", other), ("total", target + draft + other))},
+    }
     return out
 
 
@@ -239,25 +249,51 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     modes = [("baseline", None)] + [(s.label, s) for s in specs]
     total = len(modes) * len(prompts)
     done = 0
-    outputs: dict[str, list[GenerationResult]] = {}
+    outputs: dict[str, list[GenerationResult]] = {name: [] for name, _ in modes}
     out_path = Path(cfg.output)
     summaries: dict[str, dict] = {}
+    warned: set[str] = set()
 
     def payload(finished: bool) -> dict:
         return {"kind": "evaluate", "finished": finished, "target": cfg.target, "draft": str(src.path),
-                "draft_kind": src.kind, "draft_family": family_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                "draft_kind": src.kind, "draft_family": family_name, "device": str(device),
+                "dtype": str(dtype).replace("torch.", ""),
                 "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "prompts": len(prompts),
+                "prompts_done": len(outputs["baseline"]),
                 "acceptance_length_definition": "pooled: sum(tokens per verify step, bonus counted) / "
                                                 "sum(verify steps); 1.0 = no speculation. "
                                                 "acceptance_length_sglang: SGLang's sum(completion_tokens) / "
                                                 "sum(spec_verify_ct), which also counts the token sampled "
                                                 "at prefill",
+                "timing": "modes run interleaved, prompt by prompt (baseline, then each config on the same "
+                          "prompt), so a slow spell of a shared machine hits every mode alike",
                 "config": cfg.model_dump(mode="json"), "baseline": summaries.get("baseline"),
                 "results": [summaries[k] for k in summaries if k != "baseline"]}
 
-    for name, spec in modes:
-        results: list[GenerationResult] = []
-        for i, ids in enumerate(prompts):
+    def summarize(final: bool) -> None:
+        for name, spec in modes:
+            results = outputs[name]
+            s = _mode_summary(name, results, spec.steps if spec else 0)
+            if spec is not None:
+                s.update(batch=spec.batch, steps=spec.steps, topk=spec.topk, draft_tokens=spec.draft_tokens,
+                         draft_family=family_name)
+                base = summaries["baseline"]
+                s["speedup"] = (s["tokens_per_s"] / base["tokens_per_s"]) if base["tokens_per_s"] and \
+                    s["tokens_per_s"] else None
+                b_ms, s_ms = base["time_breakdown"]["ms_per_step"]["total"], s["time_breakdown"]["ms_per_step"]["total"]
+                # What one verify step costs, in plain decode steps: the speedup is about
+                # acceptance_length / this (prefill aside).
+                s["verify_step_cost_in_decode_steps"] = s_ms / b_ms if b_ms and s_ms else None
+                if cfg.temperature == 0:
+                    s["mismatches_vs_baseline"] = sum(a.tokens != b.tokens for a, b in zip(results, outputs["baseline"]))
+                    if final and s["mismatches_vs_baseline"] and name not in warned:
+                        warned.add(name)
+                        events.warning(f"{name}: {s['mismatches_vs_baseline']} of {len(results)} greedy outputs "
+                                       "differ from plain greedy decoding (float noise in low precision, or a bug)")
+            summaries[name] = s
+
+    for i, ids in enumerate(prompts):
+        for name, spec in modes:
             if events.cancelled:
                 _write_json(out_path, payload(False))
                 raise JobCancelled(f"stopped during {name} at prompt {i}; partial results in {out_path}")
@@ -265,27 +301,17 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
                 r = greedy_generate(target, ids, cfg.max_new_tokens, stop, cfg.temperature, gen(i))
             else:
                 r = decoders[spec.label].generate(ids, cfg.max_new_tokens, stop, gen(i))
-            results.append(r)
+            outputs[name].append(r)
             done += 1
             events.progress(done, total, what="generations", mode=name)
-        outputs[name] = results
-        s = _mode_summary(name, results, spec.steps if spec else 0)
-        if spec is not None:
-            s.update(batch=spec.batch, steps=spec.steps, topk=spec.topk, draft_tokens=spec.draft_tokens,
-                     draft_family=family_name)
-            base = summaries["baseline"]
-            s["speedup"] = (s["tokens_per_s"] / base["tokens_per_s"]) if base["tokens_per_s"] and \
-                s["tokens_per_s"] else None
-            if cfg.temperature == 0:
-                s["mismatches_vs_baseline"] = sum(a.tokens != b.tokens for a, b in zip(results, outputs["baseline"]))
-                if s["mismatches_vs_baseline"]:
-                    events.warning(f"{name}: {s['mismatches_vs_baseline']} of {len(results)} greedy outputs differ "
-                                   "from plain greedy decoding (float noise in low precision, or a bug)")
-        summaries[name] = s
+        summarize(final=False)
+        _write_json(out_path, payload(False))
+    summarize(final=True)
+    for name, _ in modes:
+        s = summaries[name]
         events.emit("evaluate_mode", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
                                          if k in ("config", "acceptance_length", "tokens_per_s", "speedup",
-                                                  "mismatches_vs_baseline")})
-        _write_json(out_path, payload(False))
+                                                  "verify_step_cost_in_decode_steps", "mismatches_vs_baseline")})
     result = payload(True)
     result["output"] = str(out_path)
     result["seconds"] = round(time.time() - t_start, 2)

@@ -140,13 +140,19 @@ class MedusaDecoder:
         pending = _pick(logits[-1], self.temperature, generator)
         out, why = _stop_cut([pending], [], eos, max_new_tokens)
         res = GenerationResult(tokens=out)
+        res.prefill_s = time.perf_counter() - t0
+        clock = time.perf_counter
         h = hid[-1]
         L = P
         while why is None:
+            t1 = clock()
             tree = self._tree(h, list(prompt_ids) + out if self.propose_override else ())
+            res.draft_s += clock() - t1
             ids, positions, allowed = verify_inputs(pending, tree, L, dev)
+            t1 = clock()
             vlogits, _, vhid = runner.forward(ids, positions, cache, allowed=allowed, capture=False,
                                               return_hidden=True)
+            res.target_s += clock() - t1
             path, bonus = accept_path(tree, vlogits, self.temperature, generator)
             res.verify_steps += 1
             res.accepted.append(len(path))

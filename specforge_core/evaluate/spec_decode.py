@@ -55,6 +55,11 @@ class GenerationResult:
     accepted: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     stopped: str = "length"                # "eos" or "length"
+    # Where the time went (seconds): the prompt's forward(s), the target's decode / verify forwards,
+    # the draft's calls (drafting and catching up); the rest of wall_s is the loop's own bookkeeping.
+    prefill_s: float = 0.0
+    target_s: float = 0.0
+    draft_s: float = 0.0
 
     @property
     def step_tokens(self) -> int:
@@ -216,19 +221,23 @@ def greedy_generate(target, prompt_ids: Sequence[int], max_new_tokens: int, eos_
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev)
     P = ids.shape[1]
     logits, _ = runner.forward(ids, torch.arange(P, device=dev)[None], cache, capture=False, last_only=True)
+    prefill_s = time.perf_counter() - t0
+    target_s = 0.0
     out: list[int] = []
     steps = 0
     tok = _pick(logits[-1], temperature, generator)
     out, why = _stop_cut([tok], out, eos, max_new_tokens)
     while why is None:
         pos = P + len(out) - 1
+        t1 = time.perf_counter()
         logits, _ = runner.forward(torch.tensor([[tok]], device=dev), torch.tensor([[pos]], device=dev), cache,
                                    capture=False)
+        target_s += time.perf_counter() - t1
         steps += 1
         tok = _pick(logits[-1], temperature, generator)
         out, why = _stop_cut([tok], out, eos, max_new_tokens)
     return GenerationResult(tokens=out, verify_steps=steps, accepted=[0] * steps,
-                            wall_s=time.perf_counter() - t0, stopped=why)
+                            wall_s=time.perf_counter() - t0, stopped=why, prefill_s=prefill_s, target_s=target_s)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -485,19 +494,26 @@ class SpecDecoder:
         res = GenerationResult(tokens=out)
         if why is not None:
             res.stopped, res.wall_s = why, time.perf_counter() - t0
+            res.prefill_s = res.wall_s
             return res
         # Draft prefill: pairs (aux_t, token t+1) for t = 0..P-1.
         nxt = torch.cat([prompt[:, 1:], torch.tensor([[pending]], device=dev)], 1)
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         hout, dlogits, dk, dv = draft_forward(draft, aux[None], nxt, torch.arange(P, device=dev)[None], None, causal)
         past = (dk, dv)
+        res.prefill_s = time.perf_counter() - t0   # the target's and the draft's prompt forwards
+        clock = time.perf_counter
         root_h, root_logits = hout[:, -1], dlogits[0, -1]
         L = P
         while why is None:
+            t1 = clock()
             tree = self._tree(past, root_h, root_logits, L - 1, generator,
                               context=list(prompt_ids) + out if self.propose_override else ())
+            res.draft_s += clock() - t1
             ids, positions, allowed = verify_inputs(pending, tree, L, dev)
+            t1 = clock()
             vlogits, vaux = runner.forward(ids, positions, cache, allowed=allowed)
+            res.target_s += clock() - t1
             path, bonus = self._accept(tree, vlogits, generator)
             res.verify_steps += 1
             res.accepted.append(len(path))
@@ -511,9 +527,11 @@ class SpecDecoder:
             n = len(rows)
             nxt = torch.tensor([new_tokens], device=dev)
             pos = torch.arange(L, L + n, device=dev)[None]
+            t1 = clock()
             allowed_d = torch.ones(n, past[0].shape[2] + n, dtype=torch.bool, device=dev).tril(past[0].shape[2])
             hout, dlogits, dk, dv = draft_forward(draft, vaux[rows][None], nxt, pos, past, allowed_d)
             past = (torch.cat([past[0], dk], 2), torch.cat([past[1], dv], 2))
+            res.draft_s += clock() - t1
             root_h, root_logits = hout[:, -1], dlogits[0, -1]
             L += n
             pending = bonus
