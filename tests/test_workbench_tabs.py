@@ -133,6 +133,11 @@ def test_training_figures_from_metric_rows():
     for f in (loss_figure([]), acc_figure([]), accept_len_figure([])):
         assert not figure_has_data(f) and "no metrics yet" in f.layout.title.text
 
+    # A Medusa run writes the same acc_i columns, one per head: the legend and titles say "head i".
+    mf = acc_figure(rows, family="medusa")
+    assert [t.name for t in mf.data] == ["head 0", "head 1", "head 2"] and "head" in mf.layout.title.text
+    assert list(mf.data[1].y) == list(af.data[1].y) and "TTT" not in loss_figure(rows, "medusa").layout.title.text
+
 
 # ------------------------------------------------------------------------------------------------
 # Data tab
@@ -293,6 +298,68 @@ def test_train_watch_reads_metrics_and_checkpoints(ws):
     assert "step 2" in s and "loss 2.0000" in s and "1.480" in s
 
 
+def test_train_form_medusa_shows_its_own_fields_and_cli(ws):
+    from specforge_core import cli
+    from specforge_core.config import config_from_args
+    from specforge_core.training.config import TrainConfig
+    from workbench.tabs import train_tab as tt
+
+    # Each family's fields are in the form, outside "Advanced", and every TrainConfig medusa_* field is one.
+    names = [s.name for s in tt.flat_specs()]
+    assert {"draft_type", *tt.FAMILY_FIELDS["eagle3"], *tt.FAMILY_FIELDS["medusa"]} <= set(names)
+    assert {n for n in TrainConfig.model_fields if n.startswith("medusa_")} == set(tt.FAMILY_FIELDS["medusa"])
+    advanced = {s.name for s in tt.FORM.sections()[-1]}
+    assert not advanced & {"draft_type", *tt.FAMILY_FIELDS["eagle3"], *tt.FAMILY_FIELDS["medusa"]}
+
+    _write_jsonl(ws / "data" / "t.jsonl", [CONV])
+    # Medusa picked: its fields count; EAGLE3's (hidden) keep their defaults, even when edited before the switch.
+    vals = _train_values(ws, train_data="data/t.jsonl", draft_type="medusa", medusa_num_heads=2, medusa_num_layers=2,
+                         medusa_decay=0.5, ttt_length=2, aux_layer_ids="1 2 3", output_dir="runs/medusa")
+    cfg = tt.train_config(ws, vals)
+    assert (cfg.draft_type, cfg.medusa_num_heads, cfg.medusa_num_layers, cfg.medusa_decay) == ("medusa", 2, 2, 0.5)
+    assert cfg.ttt_length == TrainConfig.model_fields["ttt_length"].default and cfg.aux_layer_ids is None
+    text = tt.cli_command(ws, 1, *vals)
+    assert "--draft-type medusa" in text and "--medusa-num-heads 2" in text and "--medusa-decay 0.5" in text
+    assert "--ttt-length" not in text and "--aux-layer-ids" not in text
+    import shlex
+
+    ns = cli.build_parser().parse_args(shlex.split(text.split("\n", 1)[1].replace(" \\\n    ", " "))[1:])
+    assert config_from_args(TrainConfig, ns) == cfg
+    # EAGLE3 picked: the Medusa fields (hidden) are left out the same way.
+    e3 = tt.train_config(ws, _train_values(ws, train_data="data/t.jsonl", medusa_num_heads=5, ttt_length=2))
+    assert e3.draft_type == "eagle3" and e3.ttt_length == 2 and e3.medusa_num_heads == 3
+    assert "--draft-type" not in tt.cli_command(ws, 1, *_train_values(ws, train_data="data/t.jsonl"))
+
+    # Switching family shows its box and moves a suggested run dir along; a typed one stays.
+    assert tt.family_view("medusa", "runs/eagle3") == ({"eagle3": False, "medusa": True}, "runs/medusa")
+    assert tt.family_view("eagle3", "runs/medusa") == ({"eagle3": True, "medusa": False}, "runs/eagle3")
+    assert tt.family_view("medusa", "runs/mine") == ({"eagle3": False, "medusa": True}, "runs/mine")
+
+
+def test_train_watch_names_medusa_heads(ws):
+    from workbench.tabs import train_tab as tt
+
+    run = ws / "runs" / "m"
+    _write_jsonl(run / "metrics.jsonl", [{"split": "train", "step": 1, "loss": 3.0, "acc_0": 0.25, "acc_1": 0.1,
+                                          "sim_accept_len": 1.28}])
+    assert tt.run_family(run) == "eagle3" and tt.run_family(run, {"draft_type": "medusa"}) == "medusa"
+    (run / "run.json").write_text(json.dumps({"kind": "train-medusa", "config": {}}))
+    assert tt.run_family(run, {"draft_type": "eagle3"}) == "medusa"  # what the run wrote wins
+    (run / "run.json").write_text(json.dumps({"kind": "train-eagle3"}))
+    assert tt.run_family(run, {"draft_type": "medusa"}) == "eagle3"
+
+    # The tab's poll: a Medusa job's curves and summary name heads.
+    from specforge_core.jobs.store import Job
+    from workbench.common import job_runner
+
+    (run / "run.json").write_text(json.dumps({"kind": "train-medusa"}))
+    job = Job(id="20990101-000000-train-medusa1", kind="train", config={"draft_type": "medusa", "output_dir": str(run)},
+              argv=[], job_dir=str(ws / "jobs" / "m"), status="finished", nproc=1)
+    job_runner(ws).store.add(job)
+    _card, _loss, acc, _accept, _ckpts, summary, live = tt.poll_train(ws, job.id)
+    assert [t.name for t in acc.data] == ["head 0", "head 1"] and "head 0 acc 0.250" in summary and not live
+
+
 def test_disk_estimate_uses_the_store_sizes(ws, smol_tokenizer):
     from workbench.tabs import train_tab as tt
 
@@ -303,6 +370,10 @@ def test_disk_estimate_uses_the_store_sizes(ws, smol_tokenizer):
     toks = sum(_n_tokens(smol_tokenizer, r["conversations"]) for r in _rows(10))
     assert "hidden size 576" in out and f"{toks:,}" in out
     assert human_bytes(toks * bytes_per_token(576, "bfloat16", teacher_fraction=0.5)) in out
+    # A Medusa store keeps one H-wide state per token instead of three captured layers.
+    med = tt.disk_estimate(ws, *_train_values(ws, train_data="data/t.jsonl", draft_type="medusa"))
+    assert "Medusa" in med and human_bytes(toks * bytes_per_token(576, "bfloat16", teacher_fraction=0.5,
+                                                                  num_aux_layers=1)) in med
 
 
 # ------------------------------------------------------------------------------------------------

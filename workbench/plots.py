@@ -74,7 +74,7 @@ def _train_eval_traces(fig: go.Figure, train: Sequence[dict], ev: Sequence[dict]
     return bool(x or x2)
 
 
-def loss_figure(rows: Sequence[dict]) -> go.Figure:
+def loss_figure(rows: Sequence[dict], family: str = "eagle3") -> go.Figure:
     """Train loss per step (line) and eval loss (markers)."""
     train, ev = split_rows(rows, "train"), split_rows(rows, "eval")
     if not train and not ev:
@@ -82,23 +82,36 @@ def loss_figure(rows: Sequence[dict]) -> go.Figure:
     fig = go.Figure()
     _train_eval_traces(fig, train, ev, "loss")
     norm = next((r.get("loss_normalization") for r in reversed(train) if r.get("loss_normalization")), None)
-    title = "Loss (TTT-weighted)" + (f" · normalised per {norm} position" if norm == "counted" else "")
+    title = ("Loss (heads weighted decay**i)" if family == "medusa" else "Loss (TTT-weighted)") \
+        + (f" · normalised per {norm} position" if norm == "counted" else "")
     return _layout(fig, title, "step", "loss")
 
 
-def acc_figure(rows: Sequence[dict], split: str = "train") -> go.Figure:
-    """Per-step TTT accuracy acc_k (k = 0 .. ttt_length-1): one line each."""
+def acc_label(key: str, family: str = "eagle3") -> str:
+    """A metrics column `acc_i` as a legend names it: the TTT step (EAGLE3) or "head i" (Medusa)."""
+    m = _ACC_RE.match(key)
+    return f"head {m.group(1)}" if m and family == "medusa" else key
+
+
+def acc_figure(rows: Sequence[dict], split: str = "train", family: str = "eagle3") -> go.Figure:
+    """Accuracy per draft step, one line each: EAGLE3's TTT steps acc_k (k = 0 .. ttt_length-1), or a
+    Medusa draft's heads (the same `acc_i` columns, drawn as "head i")."""
     sel = split_rows(rows, split)
     keys = acc_keys(sel)
+    medusa = family == "medusa"
+    what = "per head" if medusa else "acc_k"
     if not keys:
-        return _empty(f"Accuracy acc_k ({split})", "no metrics yet", "step", "accuracy")
+        return _empty(f"Accuracy {what} ({split})", "no metrics yet", "step", "accuracy")
     fig = go.Figure()
     for i, k in enumerate(keys):
         x, y = _series(sel, k)
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if len(x) < 40 else "lines", name=k,
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers" if len(x) < 40 else "lines",
+                                 name=acc_label(k, family),
                                  line=dict(color=PALETTE[i % len(PALETTE)], width=2 if i == 0 else 1.5),
                                  marker=dict(size=4)))
-    fig = _layout(fig, f"Accuracy acc_k ({split}): draft token k of the chain", "step", "accuracy")
+    title = (f"Accuracy per Medusa head ({split}): head i predicts token t+2+i" if medusa
+             else f"Accuracy acc_k ({split}): draft token k of the chain")
+    fig = _layout(fig, title, "step", "accuracy")
     fig.update_yaxes(range=[0, 1.02])
     return fig
 
@@ -114,8 +127,9 @@ def accept_len_figure(rows: Sequence[dict]) -> go.Figure:
     return fig
 
 
-def training_figures(rows: Sequence[dict]) -> tuple[go.Figure, go.Figure, go.Figure]:
-    return loss_figure(rows), acc_figure(rows), accept_len_figure(rows)
+def training_figures(rows: Sequence[dict], family: str = "eagle3") -> tuple[go.Figure, go.Figure, go.Figure]:
+    """(loss, accuracy per step or head, simulated acceptance length) for a run of draft `family`."""
+    return loss_figure(rows, family), acc_figure(rows, family=family), accept_len_figure(rows)
 
 
 def histogram(values: Sequence[float], title: str, xlabel: str, nbins: int | None = None,

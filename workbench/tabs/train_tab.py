@@ -1,11 +1,15 @@
-"""The Train tab: an EAGLE3 training run, from a form built from `TrainConfig` to live curves.
+"""The Train tab: a draft training run (EAGLE3 or Medusa), from a form built from `TrainConfig` to live curves.
 
 The form comes from the schema (`workbench.forms`): the key fields up front, the rest under
-"Advanced", so a new TrainConfig field appears here without touching this file. Paths typed in
+"Advanced", so a new TrainConfig field appears here without touching this file. The draft family
+(`draft_type`) has a box of its own below the key fields, with only that family's fields shown
+(EAGLE3: TTT length and decay, aux layers, attention; Medusa: heads, blocks per head, decay); the
+hidden family's fields are left at their defaults, so the run, the saved config and the CLI command
+carry only what is shown. Paths typed in
 the form are resolved inside the workspace (`security.resolve_in_workspace`). The run is a
 background job (`specforge_core.jobs.runner`, optionally under torchrun with N processes); a
 `gr.Timer` polls what the job writes (`metrics.jsonl`, its checkpoints) and redraws the loss,
-acc_k and simulated acceptance-length plots. Export and check run as jobs of their own. Offline
+acc_k (EAGLE3's TTT steps; a Medusa run's "head i") and simulated acceptance-length plots. Export and check run as jobs of their own. Offline
 training (a hidden-state store instead of the target's weights) is the `train_hidden_states`
 field, with a disk estimate from `specforge_core.offline.store`.
 """
@@ -27,10 +31,22 @@ from ..security import PathOutsideWorkspace, resolve_in_workspace
 
 TITLE = "Train"
 MAIN_FIELDS = ["target_model", "train_data", "eval_data", "chat_template", "max_length", "draft_vocab_size",
-               "ttt_length", "lr", "batch_size", "epochs", "max_steps", "device", "output_dir"]
+               "lr", "batch_size", "epochs", "max_steps", "device", "output_dir"]
 OFFLINE_FIELDS = ["train_hidden_states", "eval_hidden_states"]
+FAMILY_FIELD = ["draft_type"]
+# Each family's own fields: shown only while that family is picked, left at their defaults otherwise.
+FAMILY_FIELDS = {"eagle3": ["ttt_length", "ttt_decay", "aux_layer_ids", "attention_backend"],
+                 "medusa": ["medusa_num_heads", "medusa_num_layers", "medusa_decay"]}
+FAMILY_TITLES = {"eagle3": "**EAGLE3**: one decoder layer over three captured target layers, trained by "
+                           "training-time test (TTT) for `ttt length` steps",
+                 "medusa": "**Medusa**: K heads over the target's last hidden state; head i predicts token "
+                           "t+2+i (served by vLLM <= 0.32; SGLang has no Medusa)"}
+FAMILY_LABELS = {"draft_type": "draft family", "medusa_num_heads": "heads (K)", "medusa_num_layers": "residual blocks per head",
+                 "medusa_decay": "head decay (weight of head i = decay**i)"}
 # Defaults that point into the workspace instead of the CLI's `workspace/...` (the job runs in it).
 GUI_DEFAULTS = {"output_dir": SAMPLE_RUN, "cache_dir": "cache", "num_proc": 1}
+# The run directory the form suggests per family (switching family moves a still-default one along).
+FAMILY_RUN_DIRS = {"eagle3": SAMPLE_RUN, "medusa": "runs/medusa"}
 PATH_FIELDS = ("train_data", "eval_data", "train_hidden_states", "eval_hidden_states", "draft_model_config",
                "cache_dir", "output_dir")
 MODEL_FIELDS = ("target_model", "tokenizer")  # a path, or a name the engine knows (default, llama3, hub id)
@@ -44,7 +60,8 @@ def _train_cls():
     return TrainConfig
 
 
-FORM = SchemaForm(_train_cls, MAIN_FIELDS, "train", defaults=GUI_DEFAULTS, groups=[OFFLINE_FIELDS])
+FORM = SchemaForm(_train_cls, MAIN_FIELDS, "train", defaults=GUI_DEFAULTS,
+                  groups=[FAMILY_FIELD, FAMILY_FIELDS["eagle3"], FAMILY_FIELDS["medusa"], OFFLINE_FIELDS])
 flat_specs = FORM.specs
 gui_default = FORM.default
 
@@ -81,9 +98,26 @@ def restored_values(workspace: str | Path, job_id: Optional[str]) -> Optional[li
 # ------------------------------------------------------------------------------------------------
 def train_config(workspace: str | Path, values: Sequence[Any]):
     """Form values (in `flat_specs()` order) -> a validated TrainConfig with workspace paths; raises FormError."""
-    transform = workspace_transform(workspace, paths=PATH_FIELDS, models=MODEL_FIELDS,
-                                    existing=("train_data", "eval_data"))
+    resolve = workspace_transform(workspace, paths=PATH_FIELDS, models=MODEL_FIELDS,
+                                  existing=("train_data", "eval_data"))
+
+    def transform(data: dict) -> dict:
+        # The other family's fields are hidden in the form: they keep their defaults.
+        picked = data.get("draft_type", "eagle3")
+        hidden = {n for fam, names in FAMILY_FIELDS.items() if fam != picked for n in names}
+        return resolve({k: v for k, v in data.items() if k not in hidden})
+
     return FORM.to_config(values, transform=transform)
+
+
+def family_view(draft_type: Optional[str], output_dir: Any) -> tuple[dict[str, bool], Any]:
+    """What the form shows for a picked family: {family: visible} for the families' boxes, and the
+    output dir (another family's suggested run directory becomes this family's; a typed one stays)."""
+    picked = draft_type if draft_type in FAMILY_FIELDS else "eagle3"
+    out = (output_dir or "").strip() if isinstance(output_dir, str) else output_dir
+    if out in FAMILY_RUN_DIRS.values():
+        out = FAMILY_RUN_DIRS[picked]
+    return {fam: fam == picked for fam in FAMILY_FIELDS}, out
 
 
 def cli_command(workspace: str | Path, nproc: Any, *values: Any) -> str:
@@ -160,15 +194,16 @@ def checkpoints_table(run_dir: str | Path | None):
     return pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS)
 
 
-def metrics_summary(rows: Sequence[dict]) -> str:
+def metrics_summary(rows: Sequence[dict], family: str = "eagle3") -> str:
     train, ev = split_rows(rows, "train"), split_rows(rows, "eval")
     if not train and not ev:
         return "No metrics yet: the first row appears after the first logged step."
     parts = []
     if train:
         r = train[-1]
+        acc0 = "head 0 acc" if family == "medusa" else "acc_0"
         parts.append(f"**step {r['step']}** · loss {r.get('loss', float('nan')):.4f} · "
-                     f"acc_0 {r.get('acc_0', float('nan')):.3f} · "
+                     f"{acc0} {r.get('acc_0', float('nan')):.3f} · "
                      f"sim. acceptance length {r.get('sim_accept_len', float('nan')):.3f}"
                      + (f" · {r['tokens_per_s']:.0f} tok/s" if isinstance(r.get("tokens_per_s"), (int, float)) else ""))
         if r.get("counted_positions") == 0:
@@ -186,6 +221,20 @@ def run_dir_of(job: Any) -> Optional[str]:
     return (job.paths or {}).get("output_dir") or (job.config or {}).get("output_dir")
 
 
+def run_family(run_dir: str | Path | None, config: Optional[dict] = None) -> str:
+    """The draft family of a run: its run.json kind (`train-medusa`, `train-eagle3`), else the job's
+    config (a run that has not written run.json yet), else eagle3."""
+    if run_dir:
+        try:
+            kind = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8")).get("kind", "")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            kind = ""
+        if isinstance(kind, str) and kind.startswith("train-") and kind[len("train-"):] in FAMILY_FIELDS:
+            return kind[len("train-"):]
+    picked = (config or {}).get("draft_type")
+    return picked if picked in FAMILY_FIELDS else "eagle3"
+
+
 def poll_train(workspace: str | Path, job_id: Optional[str]):
     """(status html, loss fig, acc fig, accept-len fig, checkpoints df, summary md, live?) for a job."""
     if not job_id:
@@ -194,10 +243,11 @@ def poll_train(workspace: str | Path, job_id: Optional[str]):
     if w.job is None:
         return (w.card, *training_figures([]), checkpoints_table(None), "", False)
     run_dir = run_dir_of(w.job)
+    family = run_family(run_dir, w.job.config)
     rows = read_metrics(Path(run_dir) / "metrics.jsonl") if run_dir else []
     ckpts = checkpoints_table(run_dir)
     ckpts["path"] = [relative_name(workspace, p) for p in ckpts["path"]]
-    return (w.card, *training_figures(rows), ckpts, metrics_summary(rows), w.live)
+    return (w.card, *training_figures(rows, family), ckpts, metrics_summary(rows, family), w.live)
 
 
 def export_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optional[str]]:
@@ -260,7 +310,8 @@ def side_job_result(workspace: str | Path, job_id: Optional[str]) -> tuple[str, 
 # Offline: disk estimate
 # ------------------------------------------------------------------------------------------------
 def disk_estimate(workspace: str | Path, *values: Any, sample_rows: int = 200) -> str:
-    """How much disk a hidden-state dump of the train data would take (bf16 and fp8 vs SpecForge's 8H)."""
+    """How much disk a hidden-state dump of the train data would take (bf16 and fp8 vs SpecForge's 8H), for
+    the picked family: EAGLE3's store keeps three captured layers per token, Medusa's only the last state."""
     from specforge_core.offline.store import bytes_per_token, human_bytes, specforge_bytes_per_token
     from specforge_core.models.serving import load_target_config
 
@@ -295,10 +346,13 @@ def disk_estimate(workspace: str | Path, *values: Any, sample_rows: int = 200) -
     max_len = next(s for s in specs if s.name == "max_length").parse(raw.get("max_length")) or 2048
     per_row = sum(min(n, int(max_len)) for n in lens) / len(lens)
     tokens = per_row * total_rows
-    ours_bf16 = tokens * bytes_per_token(H, "bfloat16", teacher_fraction=0.5)
-    ours_fp8 = tokens * bytes_per_token(H, "fp8_e4m3", teacher_fraction=0.5)
+    medusa = raw.get("draft_type") == "medusa"
+    layers = 1 if medusa else 3  # a Medusa store (`states: last`) keeps one H-wide state per token
+    ours_bf16 = tokens * bytes_per_token(H, "bfloat16", teacher_fraction=0.5, num_aux_layers=layers)
+    ours_fp8 = tokens * bytes_per_token(H, "fp8_e4m3", teacher_fraction=0.5, num_aux_layers=layers)
     sf = tokens * specforge_bytes_per_token(H)
-    return (f"**Disk estimate for a hidden-state dump** (target hidden size {H}, ~{total_rows:,} rows × "
+    kind = "a Medusa hidden-state dump (last state only)" if medusa else "an EAGLE3 hidden-state dump"
+    return (f"**Disk estimate for {kind}** (target hidden size {H}, ~{total_rows:,} rows × "
             f"{per_row:.0f} tokens ≈ {tokens:,.0f} tokens, half of them teaching):  \n"
             f"bf16 store **{human_bytes(ours_bf16)}** · fp8 store **{human_bytes(ours_fp8)}** · "
             f"SpecForge's layout would need {human_bytes(sf)}.")
@@ -312,10 +366,28 @@ def build(ctx) -> dict:
 
     ws = Path(ctx.workspace)
     c: dict[str, Any] = {}
-    gr.Markdown("Train an EAGLE3 draft. **Online**: the target runs beside the draft and computes hidden states "
+    gr.Markdown("Train a draft: **EAGLE3** or **Medusa** heads (pick the family below the key fields). "
+                "**Online**: the target runs beside the draft and computes hidden states "
                 "on the fly. **Offline**: give a hidden-state store (made by a dump) and only the draft is "
                 "trained. Paths are inside the workspace; the run goes to `output dir` (checkpoints, "
                 "`metrics.jsonl`).")
+
+    def place_groups(groups: list[list[FieldSpec]], make) -> None:
+        family, offline = groups[0], groups[-1]
+        with gr.Group(elem_id="train-family"):
+            with gr.Row(equal_height=False):
+                c["draft_type_col"] = gr.Column(scale=1, min_width=220)
+                with c["draft_type_col"]:
+                    make(dataclasses.replace(family[0], label=FAMILY_LABELS["draft_type"]))
+                for fam, specs in zip(FAMILY_FIELDS, groups[1:-1]):
+                    box = gr.Column(scale=3, visible=fam == "eagle3", elem_id=f"train-{fam}-fields")
+                    c[f"{fam}_box"] = box
+                    with box:
+                        gr.Markdown(FAMILY_TITLES[fam], elem_classes=["wb-family-note"])
+                        with gr.Row(equal_height=False):
+                            for spec in specs:
+                                make(dataclasses.replace(spec, label=FAMILY_LABELS.get(spec.name, spec.label)))
+        offline_group([offline], make)
 
     def offline_group(groups: list[list[FieldSpec]], make) -> None:
         with gr.Accordion("Offline training (hidden states on disk)", open=False, elem_id="train-offline"):
@@ -327,7 +399,16 @@ def build(ctx) -> dict:
                                               scale=0, min_width=240)
             c["estimate"] = gr.Markdown(elem_id="train-estimate-out")
 
-    c["components"], inputs = workspace_form(ws).layout(place_groups=offline_group)
+    c["components"], inputs = workspace_form(ws).layout(place_groups=place_groups)
+    comps = c["components"]
+
+    # Any change of family (a pick, or a reloaded page restoring a run's form) shows that family's fields;
+    # only a pick by hand moves a still-suggested output dir to the new family's (a restored one stays).
+    boxes = [c[f"{fam}_box"] for fam in FAMILY_FIELDS]
+    comps["draft_type"].change(lambda d: tuple(gr.update(visible=v) for v in family_view(d, None)[0].values()),
+                               inputs=comps["draft_type"], outputs=boxes)
+    comps["draft_type"].input(lambda d, o: family_view(d, o)[1], inputs=[comps["draft_type"], comps["output_dir"]],
+                              outputs=comps["output_dir"])
     with gr.Row(equal_height=False):
         c["nproc"] = gr.Number(value=1, precision=0, minimum=1, maximum=64, label="processes",
                                info="> 1 runs under torchrun", elem_id="train-nproc", scale=1, min_width=160)
@@ -346,7 +427,7 @@ def build(ctx) -> dict:
     with gr.Row(equal_height=False):
         c["loss_plot"] = gr.Plot(label="loss", elem_id="train-loss-plot")
         c["accept_plot"] = gr.Plot(label="simulated acceptance length", elem_id="train-accept-plot")
-    c["acc_plot"] = gr.Plot(label="acc_k", elem_id="train-acc-plot")
+    c["acc_plot"] = gr.Plot(label="accuracy per TTT step (EAGLE3) / per head (Medusa)", elem_id="train-acc-plot")
     with gr.Row(equal_height=True):
         c["export"] = gr.Button("Export for SGLang / vLLM", elem_id="train-export")
         c["check"] = gr.Button("Check exported draft", elem_id="train-check")
