@@ -2,7 +2,8 @@
 as a real server over a tmp workspace with a tiny target (random 8-layer Llama, hidden 32, SmolLM2's
 tokenizer), tiny chat data and a two-step training run made up front (a real `train` job).
 
-- Train: a reloaded page shows the form of the run it shows; Export and Check run as jobs.
+- Train: a reloaded page shows the form of the run it shows; picking the Medusa family swaps in its fields
+  and its CLI command; Export and Check run as jobs.
 - Benchmark: the in-process mode (the `evaluate` job) fills the results table and charts; the
   reference-server button starts a server that the SGLang mode then benchmarks by its URL.
 - Regenerate: against the project's scripted OpenAI-API server on loopback, with failures injected,
@@ -125,6 +126,31 @@ def test_train_tab_restores_the_form_of_its_run(page, server, workspace, tmp_pat
     page.wait_for_function("() => document.querySelector('#train-checkpoints')?.innerText.includes('step_')",
                            timeout=30_000)
     _screenshot(page, tmp_path, "wb_train_restored.png")
+    assert page.external_requests == [], page.external_requests
+
+
+def test_train_tab_picks_medusa(page, server, workspace, tmp_path):
+    """The draft family is a visible choice: picking medusa swaps EAGLE3's fields for Medusa's, and the CLI
+    command carries --draft-type medusa without the (now hidden) TTT length the restored run was started with."""
+    page.goto(server.url)
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function("() => document.querySelector('#train-output-dir textarea, #train-output-dir input')"
+                           "?.value === 'runs/tiny'", timeout=60_000)
+    assert _value(page, "train-draft-type") == "eagle3" and _value(page, "train-ttt-length") == "2"
+    assert page.locator("#train-ttt-length").is_visible() and not page.locator("#train-medusa-num-heads").is_visible()
+
+    _pick(page, "train-draft-type", "medusa")
+    page.wait_for_selector("#train-medusa-num-heads", state="visible", timeout=30_000)
+    page.wait_for_selector("#train-ttt-length", state="hidden", timeout=30_000)
+    assert page.locator("#train-medusa-num-layers").is_visible() and page.locator("#train-medusa-decay").is_visible()
+    assert _value(page, "train-output-dir") == "runs/tiny"  # a run dir of the user's own is kept
+    _fill(page, "train-medusa-num-heads", "2")
+    page.locator("#train-show-cli").click()
+    page.wait_for_function("() => (document.querySelector('#train-cli')?.innerText || '').includes('--draft-type medusa')",
+                           timeout=30_000)
+    cli = page.locator("#train-cli").inner_text()
+    assert "--medusa-num-heads 2" in cli and "--ttt-length" not in cli and "tiny_target" in cli
+    _screenshot(page, tmp_path, "wb_train_medusa.png")
     assert page.external_requests == [], page.external_requests
 
 
