@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-EXPECTED = ["01_data_and_loss_masks.ipynb", "02_train_eagle3.ipynb", "03_acceptance_length.ipynb"]
+EXPECTED = ["01_data_and_loss_masks.ipynb", "02_train_eagle3.ipynb", "03_acceptance_length.ipynb",
+            "04_medusa_vs_eagle3.ipynb"]
 
 pytestmark = pytest.mark.notebooks
 
