@@ -321,12 +321,13 @@ def resume(run: Run) -> TrainState:
     run.sched.load_state_dict(ck["scheduler_state"])
     restore_rng(ck["rng"])
     st = ck["trainer_state"]
-    micro, again = rescale_position(st["micro"], st.get("world_size", 1), st.get("batch_size", run.cfg.batch_size),
-                                    run.info.world_size, run.cfg.batch_size)
+    # Checkpoints older than the world size in trainer_state.json resume at the same world size and batch.
+    was_world, was_batch = st.get("world_size", run.info.world_size), st.get("batch_size", run.cfg.batch_size)
+    micro, again = rescale_position(st["micro"], was_world, was_batch, run.info.world_size, run.cfg.batch_size)
     if again:
-        run.events.warning(f"--resume: the checkpoint was taken at {st.get('world_size', 1)} rank(s) x batch "
-                           f"{st.get('batch_size', run.cfg.batch_size)}; at {run.info.world_size} x {run.cfg.batch_size} "
-                           f"the run resumes {again} sample(s) early in the epoch (they are trained on again)")
+        run.events.warning(f"--resume: the checkpoint was taken at {was_world} rank(s) x batch {was_batch}; at "
+                           f"{run.info.world_size} x {run.cfg.batch_size} the run resumes {again} sample(s) early in "
+                           "the epoch (they are trained on again)")
     state = TrainState(step=st["step"], epoch=st["epoch"], micro=micro, best=st.get("best"),
                        since_best=st.get("since_best", 0))
     run.tracker.truncate_after(state.step)
