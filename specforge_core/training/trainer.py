@@ -465,6 +465,13 @@ def evaluate(run: Run, state: TrainState) -> dict | None:
 def train(cfg: TrainConfig, events: Events) -> dict:
     t_start = time.time()
     info = init_distributed(cfg.device, cfg.dist_timeout)
+    if cfg.estimate_memory:  # report the per-rank estimate and stop: nothing is loaded or written
+        from .memory import plan_memory
+
+        try:
+            return {"memory_estimate": plan_memory(cfg, info, events, _bf16(cfg, info), only=True)}
+        finally:
+            cleanup(info)
     run_dir = Path(cfg.output_dir)
     if not info.is_main:
         return _train(cfg, events, info, t_start)
@@ -472,6 +479,10 @@ def train(cfg: TrainConfig, events: Events) -> dict:
     # One writer per run dir (rank 0 writes for all): a second `train` on it stops here, naming the first.
     with output_lock(run_dir, "training", lock_file=run_dir / "run.lock", error=ConfigError):
         return _train(cfg, events, info, t_start)
+
+
+def _bf16(cfg: TrainConfig, info: DistInfo) -> bool:
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and info.device.type == "cuda")
 
 
 def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> dict:
@@ -482,9 +493,12 @@ def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> 
         if not cfg.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
             raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, "
                              "or choose another --output-dir")
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and info.device.type == "cuda")
+    use_bf16 = _bf16(cfg, info)
     events.emit("train_start", output_dir=str(run_dir), world_size=info.world_size, device=str(info.device),
                 bf16=use_bf16)
+    from .memory import plan_memory
+
+    plan_memory(cfg, info, events, use_bf16)  # refuses, naming the part, a plan that cannot fit
 
     setup = setup_offline if cfg.train_hidden_states else setup_online
     target, teacher, data, train_ds, eval_ds = setup(cfg, info, events, use_bf16)
