@@ -38,7 +38,9 @@ def table(out: Path) -> dict:
         res["baseline_tokens_per_s"] = (r.get("baseline") or {}).get("tokens_per_s")
         res["configs"] = [{k: x.get(k) for k in ("config", "acceptance_length", "acceptance_length_sglang",
                                                  "tokens_per_s", "speedup", "mismatches_vs_baseline",
-                                                 "per_position_accept_rate")} for x in r.get("results", [])]
+                                                 "per_position_accept_rate", "verify_step_cost_in_decode_steps",
+                                                 "time_breakdown")} for x in r.get("results", [])]
+        res["baseline_time_breakdown"] = (r.get("baseline") or {}).get("time_breakdown")
     cal = out / "eval" / "calibration.json"
     if cal.exists():
         res["calibration"] = json.loads(cal.read_text(encoding="utf-8"))
@@ -64,6 +66,15 @@ def main() -> int:
         print(f"  {c['config']:9s} acceptance length {c['acceptance_length'] or 0:.3f} "
               f"(SGLang's definition {c['acceptance_length_sglang'] or 0:.3f})  speedup {c['speedup'] or 0:.2f}x "
               f"outputs differing from greedy: {c['mismatches_vs_baseline']}")
+    b = (res.get("baseline_time_breakdown") or {}).get("ms_per_step") or {}
+    if b:
+        print(f"  per step, ms (prefill aside): plain greedy decode {b['total'] or 0:.1f}")
+    for c in res.get("configs", []):
+        m = ((c.get("time_breakdown") or {}).get("ms_per_step")) or {}
+        if m:
+            print(f"  {c['config']:9s} verify step {m['total'] or 0:.1f} ms = target verify {m['target'] or 0:.1f} + "
+                  f"draft {m['draft'] or 0:.1f} + bookkeeping {m['other'] or 0:.1f}  "
+                  f"({c.get('verify_step_cost_in_decode_steps') or 0:.2f} decode steps)")
     for c in res.get("calibration", []):
         print(f"  calibration {c['config']}: simulated (held-out) {c['simulated_heldout']}, in process "
               f"{c['in_process']}, ratio {c['ratio']}")

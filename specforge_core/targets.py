@@ -170,6 +170,26 @@ def is_default(name: str) -> bool:
     return name.strip().lower() in DEFAULT_ALIASES
 
 
+# The draft the SmolLM2 recipe trained for the embedded default target, shipped in the package (fp16
+# serving export + the recipe's run.json and metrics) so `--draft default` works on a fresh machine.
+SHIPPED_DRAFTS_DIR = Path(__file__).resolve().parent / "assets" / "drafts"
+DEFAULT_DRAFT = "smollm2-135m-eagle3"
+
+
+def shipped_draft_dir(name: str) -> Path | None:
+    """`default` (or a shipped draft's own name) -> its directory in the package; None for other names."""
+    key = name.strip().lower()
+    if key in DEFAULT_ALIASES:
+        key = DEFAULT_DRAFT
+    d = SHIPPED_DRAFTS_DIR / key
+    if key == DEFAULT_DRAFT or (d.is_dir() and not Path(name).expanduser().exists()):
+        if not d.is_dir():
+            raise ModelNotFoundError(f"--draft {name}: the shipped default draft is missing from this install "
+                                     f"(expected {d}); train one with `specforge-wb recipe run smollm2-cpu`")
+        return d
+    return None
+
+
 def resolve_model(name: str) -> str:
     """A model name -> something `from_pretrained` takes (a local dir for the named ones)."""
     if is_default(name):

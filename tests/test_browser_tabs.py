@@ -146,8 +146,8 @@ def test_train_tab_picks_medusa(page, server, workspace, tmp_path):
     assert _value(page, "train-output-dir") == "runs/tiny"  # a run dir of the user's own is kept
     _fill(page, "train-medusa-num-heads", "2")
     page.locator("#train-show-cli").click()
-    page.wait_for_function("() => (document.querySelector('#train-cli')?.innerText || '').includes('--draft-type medusa')",
-                           timeout=30_000)
+    page.wait_for_function("() => (document.querySelector('#train-cli')?.innerText || '')"
+                           ".includes('--draft-type medusa')", timeout=30_000)
     cli = page.locator("#train-cli").inner_text()
     assert "--medusa-num-heads 2" in cli and "--ttt-length" not in cli and "tiny_target" in cli
     _screenshot(page, tmp_path, "wb_train_medusa.png")

@@ -593,3 +593,94 @@ def test_topk_dump_trains_offline_without_lm_head(tmp_path, tiny_target, data_fi
     assert y[0]["acc_0"] == pytest.approx(x[0]["acc_0"], abs=1e-9)
     assert y[0]["loss"] != x[0]["loss"]
     assert math.isfinite(tk["eval"]["loss"]) and tk["eval"]["sim_accept_len"] >= 1.0
+
+
+def _torchrun_dump(args: dict, nproc: int = 2, env: dict | None = None, wait: bool = True):
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + (os.getpid() + int(time.time())) % 2000), "-m", "specforge_core", "dump-hidden-states",
+           "--quiet", "--json", *to_argv(args)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    results = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    return next(r for r in results if "complete" in r)   # rank 0's: the whole store
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (torchrun starts its workers in sessions of their own), and wait
+    until they are gone (their output lock with them)."""
+    def children(p: int) -> list[int]:
+        out = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == p:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+        return out
+
+    tree, todo = [], [pid]
+    while todo:
+        q = todo.pop()
+        tree.append(q)
+        todo += children(q)
+    for q in tree:
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    for q in tree[1:]:
+        while time.time() < deadline:
+            try:
+                state = (Path("/proc") / str(q) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                break
+            if state == "Z":
+                break
+            time.sleep(0.02)
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds torchrun's workers through /proc")
+def test_two_rank_dump_equals_one_rank_dump_and_resumes(tmp_path, tiny_target, data_files):
+    """torchrun: the ranks split the samples into one store (each its own shards, one manifest) equal to a
+    one-process dump; a parallel dump killed mid-way resumes (here at one rank) to the same store."""
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
+    from specforge_core.offline.store import read_journal
+
+    train_f, eval_f = data_files
+    cache = tmp_path / "cache"
+    kw = dict(shard_mb=0.02, format="float32", teacher="hidden")
+    dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, eval_f, tmp_path / "ref", cache, **kw)),
+                       null_events())
+    res = _torchrun_dump(dump_args(tiny_target, train_f, eval_f, tmp_path / "par", cache, **kw))
+    assert res["complete"] == {"train": True, "eval": True}
+    shards = sorted(p.name for p in (tmp_path / "par" / "shards").iterdir())
+    assert any("-r0-" in s for s in shards) and any("-r1-" in s for s in shards), shards
+    assert not list((tmp_path / "par").glob("manifest.r*.jsonl"))   # merged into the one manifest
+    assert {r["shard"] for r in read_journal(tmp_path / "par")} == set(shards)
+    assert_same_store(tmp_path / "ref", tmp_path / "par")
+
+    # killed mid-way (rank journals not merged yet), then resumed by one process
+    run = dump_args(tiny_target, train_f, eval_f, tmp_path / "hs", cache, max_batch_size=1, **kw)
+    p = _torchrun_dump(run, env={"SPECFORGE_DUMP_SLEEP": "0.3"}, wait=False)
+    hs = tmp_path / "hs"
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if sum(len(read_journal(hs, j.name)) for j in hs.glob("manifest.r*.jsonl")) >= 3:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the dump finished before it could be killed"
+    _kill_tree(p.pid)                  # the launcher and both ranks, mid-shard
+    p.wait()
+    assert list(hs.glob("manifest.r*.jsonl"))   # what the ranks committed is still only in their journals
+    res = _cli(run)
+    assert res["complete"] == {"train": True, "eval": True}
+    assert 0 < res["tokens_this_run"]
+    assert_same_store(tmp_path / "ref", hs)

@@ -217,3 +217,21 @@ def test_training_takes_capture_layers_from_one_source(tmp_path):
         servable_or_raise([1, 14, 29], 30)
     with pytest.raises(ValueError, match="ascending"):
         servable_or_raise([14, 1, 26], 30)
+
+
+# -- the shipped default draft: `--draft default` ------------------------------------------------------
+@pytest.mark.unit
+def test_draft_default_names_the_shipped_dir_or_says_it_is_missing(tmp_path, monkeypatch):
+    from specforge_core import targets
+    from specforge_core.models.serving import locate_draft
+
+    monkeypatch.setattr(targets, "SHIPPED_DRAFTS_DIR", tmp_path / "drafts")
+    with pytest.raises(FileNotFoundError, match="recipe run smollm2-cpu"):
+        locate_draft("default")
+    shipped = tmp_path / "drafts" / targets.DEFAULT_DRAFT
+    good_serving(shipped)
+    for name in ("default", "smollm2", targets.DEFAULT_DRAFT):
+        src = locate_draft(name)
+        assert src.kind == "serving" and src.path == shipped
+    # A path is a path: a local draft dir is never mistaken for a shipped one.
+    assert locate_draft(str(shipped)).path == shipped

@@ -264,6 +264,13 @@ def test_train_form_paths_cli_and_saved_config(ws):
     ns = cli.build_parser().parse_args(shlex.split(cmd)[1:])
     assert config_from_args(TrainConfig, ns) == cfg
     assert "torchrun --nproc_per_node 2" in tt.cli_command(ws, 2, *vals)
+    # nodes x GPUs: the multi-node torchrun line, the node's rank and node 0's address left to the shell
+    multi = tt.cli_command(ws, 8, *vals, nodes=4)
+    assert ("torchrun --nnodes 4 --nproc_per_node 8 --node-rank $NODE_RANK --rdzv-endpoint $MASTER_HOST:29500 "
+            "-m specforge_core train") in multi
+    assert "4 x 8 = 32 processes" in multi and "export NODE_RANK=0 MASTER_HOST=" in multi
+    tail = multi.split("specforge_core train", 1)[1].replace(" \\\n    ", " ")
+    assert config_from_args(TrainConfig, cli.build_parser().parse_args(["train", *shlex.split(tail)])) == cfg
 
     # "Save config": YAML in the workspace that `--config` reads back.
     msg = tt.save_config(ws, "configs/run1.yaml", *vals)

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from ..fsutil import staged_dir
+from ..targets import shipped_draft_dir
 from .checkpoints import COMPLETE, resolve_checkpoint
 from .registry import family_for, guess_family
 
@@ -249,8 +250,9 @@ class DraftSource:
 
 
 def locate_draft(path) -> DraftSource:
-    """Find the draft's files under `path` (serving dir, checkpoint dir or run dir); clear errors."""
-    p = Path(path)
+    """Find the draft's files under `path` (serving dir, checkpoint dir or run dir, or `default`: the
+    draft shipped for the embedded default target); clear errors."""
+    p = shipped_draft_dir(str(path)) or Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such draft directory (a serving export, a checkpoint or a run dir)")
     if p.is_dir() and (p / MODEL_FILE).exists() and (p / CONFIG_FILE).exists() and not (p / COMPLETE).exists():

@@ -19,6 +19,12 @@ docstring; the estimate event lists them for this data (`bytes_per_token_by_opti
 one and SpecForge's 8H + 16.
 
 `estimate-dump` is the same estimate as its own command (no target weights are loaded).
+
+Under `torchrun` the ranks split the work: rank 0 builds the cache, takes the lock, recovers the store and
+writes `run.json`; every rank then takes every W-th length batch of what is left and commits its own shards
+to its own journal (`StoreWriter(rank_tag=...)`); when all are done rank 0 merges the journals into the one
+`manifest.jsonl` and writes `manifest.json`. A killed parallel dump resumes like a single one (at any
+world size): the first thing a dump does is merge whatever rank journals a previous run left.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from ..events import Events, JobCancelled
 from ..locks import output_lock
 from .config import DumpConfig
 from .store import (STORE_FORMAT, STORE_KIND, StoreError, StoreWriter, bytes_per_token, estimate_bytes,
-                    human_bytes, specforge_bytes_per_token, target_identity, teacher_positions, topk_rows)
+                    human_bytes, merge_rank_journals, specforge_bytes_per_token, target_identity, teacher_positions,
+                    topk_rows)
 
 # Fault injection for crash tests: seconds to sleep after each forward batch.
 _SLEEP_ENV = "SPECFORGE_DUMP_SLEEP"
@@ -54,7 +61,43 @@ def _target_config(name: str):
     return get() if callable(get) else conf
 
 
-def _load_data(cfg: DumpConfig, vocab_size: int, events: Events):
+class _Ranks:
+    """The dump's view of torchrun: rank, world size, barrier (all no-ops for one process)."""
+
+    def __init__(self, device: str, alone: bool = False):
+        self.world = 1 if alone else int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0 if alone else int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        self._own = False
+        if self.world > 1:
+            import torch.distributed as dist
+            from datetime import timedelta
+
+            if self.cuda:
+                torch.cuda.set_device(self.local_rank)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.cuda else "gloo", timeout=timedelta(seconds=1800))
+                self._own = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._own:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _load_data(cfg: DumpConfig, vocab_size: int, events: Events, ranks: "_Ranks | None" = None):
     from ..data.cache import build_cache, load_cache
 
     if cfg.cache:
@@ -64,6 +107,10 @@ def _load_data(cfg: DumpConfig, vocab_size: int, events: Events):
     cc = cfg.build_cache_config()
     if cc.draft_vocab_size > vocab_size:
         cc = cc.model_copy(update={"draft_vocab_size": vocab_size})
+    if ranks is not None and ranks.world > 1:   # rank 0 builds, the others find the finished cache
+        path = build_cache(cc, events)["path"] if ranks.main else None
+        ranks.barrier()
+        return load_cache(path or build_cache(cc, Events(None, echo=False))["path"])
     return load_cache(build_cache(cc, events)["path"])
 
 
@@ -138,12 +185,18 @@ def dump_hidden_states(cfg: DumpConfig, events: Events) -> dict:
     """The dump job; one writer per store (`<store>.lock` beside it), an estimate needs no lock."""
     if cfg.estimate:
         return _dump(cfg, events)
-    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(cfg.output, "hidden-state dump", error=ConfigError):
-        return _dump(cfg, events)
+    ranks = _Ranks(cfg.device)
+    try:
+        if not ranks.main:   # rank 0 holds the lock for all
+            return _dump(cfg, events, ranks)
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        with output_lock(cfg.output, "hidden-state dump", error=ConfigError):
+            return _dump(cfg, events, ranks)
+    finally:
+        ranks.close()
 
 
-def _dump(cfg: DumpConfig, events: Events) -> dict:
+def _dump(cfg: DumpConfig, events: Events, ranks: _Ranks | None = None) -> dict:
     from ..models.registry import family
     from ..models.target import default_layer_ids, validate_layer_ids
 
@@ -167,7 +220,8 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
     H = int(tconf.hidden_size)
     identity = target_identity(cfg.target_model)
     vocab_size = int(identity.get("vocab_size") or tconf.vocab_size)
-    data = _load_data(cfg, vocab_size, events)
+    ranks = ranks or _Ranks("cpu", alone=True)   # an estimate: every process alone
+    data = _load_data(cfg, vocab_size, events, ranks)
     cache_run = read_run_json(data.path, expect_kind="build-cache")
     key = cache_run["key"]
     if data.vocab.target_vocab_size != vocab_size:
@@ -179,9 +233,18 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
     splits = [(s, data.train if s == "train" else data.eval) for s in cfg.splits
               if (data.train if s == "train" else data.eval) is not None]
     writer = None
-    if (out / "run.json").exists() and not cfg.estimate:
-        writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)),
-                             verify=cfg.repair, repair=cfg.repair, events=events, **tk)
+    tag = f"r{ranks.rank}" if ranks.world > 1 else None
+    resuming = (out / "run.json").exists()
+    ranks.barrier()  # every rank has looked before rank 0 can write run.json: all take the same path
+    if resuming and not cfg.estimate:
+        if ranks.main:  # what a killed parallel dump committed joins the manifest; then recovery, alone
+            merge_rank_journals(out)
+            writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)),
+                                 verify=cfg.repair, repair=cfg.repair, events=events, **tk)
+        ranks.barrier()
+        if tag:
+            writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)), events=events,
+                                 rank_tag=tag, **tk)
     stats = {s: _split_stats(ds) for s, ds in splits}
     todo = {s: [i for i in range(len(ds)) if writer is None or not writer.exists(s, i)] for s, ds in splits}
 
@@ -219,16 +282,18 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
                          f"{human_bytes(free)} free; free space, pick a smaller --format, or pass --force")
 
     # -- the store ---------------------------------------------------------------------------------
-    if writer is None:
+    if writer is None and ranks.main:
         out.mkdir(parents=True, exist_ok=True)
     from ..models.target import load_target
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)
     use_bf16 = cfg.target_dtype == "bfloat16" or (cfg.target_dtype == "auto" and device.type == "cuda")
     target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device,
                          layer_ids=layer_ids if reads_aux else None, aux=reads_aux)
-    if not (out / "run.json").exists():
+    if not (out / "run.json").exists() and ranks.main:
         write_run_json(out, STORE_KIND, cfg, store_format=STORE_FORMAT, format=cfg.format, target=identity,
                        teacher=cfg.teacher, topk=cfg.topk if cfg.teacher == "topk" else None,
                        cache_key=key, cache_path=str(data.path), layer_ids=layer_ids, hidden_size=H,
@@ -236,8 +301,10 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
                        vocab_size=target.vocab_size, num_layers=target.num_layers,
                        pad_token_id=target.pad_token_id, target_dtype="bfloat16" if use_bf16 else "float32",
                        split_sizes={s: len(ds) for s, ds in splits})
+    ranks.barrier()  # run.json is on disk before any rank writes a shard
     if writer is None:
-        writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)), events=events, **tk)
+        writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)), events=events,
+                             rank_tag=tag, **tk)
     events.emit("dump_start", output=str(out), device=str(device), already_done=sum(writer.done_count(s)
                 for s, _ in splits), remaining_samples=est["remaining_samples"])
 
@@ -253,7 +320,9 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
         total = len(ds)
         done = total - len(order)
         events.progress(done, total, what=f"{split} samples dumped", force=True)
-        for group in length_batches(order, lengths, cfg.batch_tokens, cfg.max_batch_size):
+        # Under torchrun rank r takes every W-th batch (longest first, so each rank gets a share of each size).
+        groups = length_batches(order, lengths, cfg.batch_tokens, cfg.max_batch_size)[ranks.rank::ranks.world]
+        for group in groups:
             if events.cancelled:
                 writer.flush()
                 raise JobCancelled(f"dump stopped with {done}/{total} {split} samples stored; run again to resume")
@@ -288,6 +357,14 @@ def _dump(cfg: DumpConfig, events: Events) -> dict:
                 time.sleep(sleep)
         writer.flush(split)
         events.progress(done, total, what=f"{split} samples dumped", force=True)
+    if ranks.world > 1:
+        writer.flush()
+        ranks.barrier()   # every rank's shards are committed to its journal
+        if not ranks.main:
+            return {"output": str(out), "rank": ranks.rank, "tokens_this_run": done_tokens,
+                    "seconds": round(time.time() - t0, 2)}
+        merge_rank_journals(out)
+        writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)), events=events, **tk)
     complete = {s: all(writer.exists(s, i) for i in range(len(ds))) for s, ds in splits}
     summary = writer.finish(complete, {"seconds": round(time.time() - t0, 2)})
     result = {"output": str(out), "format": cfg.format, "teacher": cfg.teacher, "states": states,

@@ -9,6 +9,10 @@ Layout of a store directory:
                     was renamed into place. A torn last line is ignored; a shard file that no line names
                     is an orphan from a crash and is deleted when a writer opens the store.
   manifest.json     written (atomically) when a dump finishes: totals and `complete` per split.
+  manifest.r<R>.jsonl  only while a parallel dump (torchrun) runs: rank R's own journal of its own shards
+                    (`shards/<split>-r<R>-<n>.safetensors`); rank 0 merges them into manifest.jsonl when
+                    the ranks finish and before a resumed dump starts (`merge_rank_journals`), so readers
+                    only ever read the one manifest.
   shards/<split>-<n>.safetensors   one flat, memory-mappable file per shard, written to a temp name,
                     fsynced and renamed: a reader never sees half a shard.
 
@@ -349,9 +353,40 @@ def file_crc32(p: Path) -> int:
     return crc & 0xFFFFFFFF
 
 
-def read_journal(directory: Path) -> list[dict]:
+def read_journal(directory: Path, name: str = JOURNAL) -> list[dict]:
     """Committed shard records; a torn last line (crash mid-append) is ignored."""
-    return [r for r in read_events(Path(directory) / JOURNAL) if isinstance(r, dict) and "shard" in r]
+    return [r for r in read_events(Path(directory) / name) if isinstance(r, dict) and "shard" in r]
+
+
+def merge_rank_journals(directory: str | Path) -> int:
+    """Fold the per-rank journals of a parallel dump (`manifest.r<R>.jsonl`) into `manifest.jsonl`, then delete
+    them; the number of shard records added. Crash-safe: the merged journal is written whole and renamed in
+    before the rank journals go, and records already merged (same shard name) are not added twice. Call it
+    while no rank is writing (before a dump starts, after all ranks finished)."""
+    d = Path(directory)
+    ranks = sorted(d.glob("manifest.r*.jsonl"))
+    if not ranks:
+        return 0
+    records = read_journal(d)
+    names = {r["shard"] for r in records}
+    new = []
+    for p in ranks:
+        for r in read_journal(d, p.name):
+            if r["shard"] not in names and (d / SHARDS / r["shard"]).exists():
+                names.add(r["shard"])
+                new.append(r)
+    tmp = d / (JOURNAL + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records + new:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / JOURNAL)
+    _fsync_dir(d)
+    for p in ranks:
+        p.unlink(missing_ok=True)
+    _fsync_dir(d)
+    return len(new)
 
 
 def _quantize_fp8(aux: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
@@ -392,11 +427,15 @@ class StoreWriter:
     Opening a store that a crash left behind removes temp files and orphan shards (renamed but not
     committed); with `verify` it also checks every committed shard's size and crc32, and with `repair`
     it drops the bad ones (their samples are then missing, so a resumed dump redoes them).
+
+    `rank_tag` (a parallel dump: "r0", "r1", ...): the writer commits its shards (`<split>-<tag>-<n>`) to its
+    own journal `manifest.<tag>.jsonl` and recovers only its own files, so ranks never touch each other's;
+    what `manifest.jsonl` already holds counts as done. `merge_rank_journals` folds the journals together.
     """
 
     def __init__(self, directory: str | Path, fmt: str, num_aux_layers: int = 3,
                  shard_bytes: int = 256 << 20, verify: bool = False, repair: bool = False, events=None,
-                 teacher: str = "hidden", topk: int = DEFAULT_TOPK):
+                 teacher: str = "hidden", topk: int = DEFAULT_TOPK, rank_tag: str | None = None):
         _elem(fmt)
         if teacher not in TEACHERS:
             raise StoreError(f"unknown teacher {teacher!r}; choose one of {TEACHERS}")
@@ -407,12 +446,16 @@ class StoreWriter:
         self.num_aux_layers = num_aux_layers
         self.shard_bytes = int(shard_bytes)
         self.events = events
+        self.rank_tag = rank_tag
+        self.journal = f"manifest.{rank_tag}.jsonl" if rank_tag else JOURNAL
         (self.dir / SHARDS).mkdir(parents=True, exist_ok=True)
-        self.records = read_journal(self.dir)
+        self.records = read_journal(self.dir, self.journal)
         self._recover(verify, repair)
-        self._done = {(r["split"], int(i)) for r in self.records for i in r["indices"]}
-        self._skipped = {(r["split"], int(i)) for r in self.records for i in r.get("skipped", [])}
-        self._seq = 1 + max((int(r["shard"].rsplit("-", 1)[1].split(".")[0]) for r in self.records), default=-1)
+        known = (read_journal(self.dir) if rank_tag else []) + self.records
+        self._done = {(r["split"], int(i)) for r in known for i in r["indices"]}
+        self._skipped = {(r["split"], int(i)) for r in known for i in r.get("skipped", [])}
+        mine = [r for r in known if self._mine(r["shard"])] if rank_tag else known
+        self._seq = 1 + max((int(r["shard"].rsplit("-", 1)[1].split(".")[0]) for r in mine), default=-1)
         self._pending: dict[str, _Pending] = {}
         self._pending_skips: dict[str, list[int]] = {}
 
@@ -420,8 +463,11 @@ class StoreWriter:
         if self.events is not None:
             self.events.warning(msg, **fields)
 
+    def _mine(self, filename: str) -> bool:
+        return self.rank_tag is None or f"-{self.rank_tag}-" in filename
+
     def _recover(self, verify: bool, repair: bool) -> None:
-        jp = self.dir / JOURNAL
+        jp = self.dir / self.journal
         if jp.exists():
             raw = jp.read_bytes()
             if raw and (not raw.endswith(b"\n") or raw.count(b"\n") != len(self.records)):
@@ -430,7 +476,7 @@ class StoreWriter:
                 self._note(f"{jp}: dropped a torn journal line left by an interrupted dump")
         named = {r["shard"] for r in self.records}
         for f in (self.dir / SHARDS).iterdir():
-            if f.name not in named:
+            if f.name not in named and self._mine(f.name):
                 # A temp file or a shard renamed in place just before a crash, never committed.
                 f.unlink(missing_ok=True)
                 if not f.name.startswith(".tmp"):
@@ -461,13 +507,13 @@ class StoreWriter:
             self._rewrite_journal()
 
     def _rewrite_journal(self) -> None:
-        tmp = self.dir / (JOURNAL + ".tmp")
+        tmp = self.dir / (self.journal + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for r in self.records:
                 f.write(json.dumps(r) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.dir / JOURNAL)
+        os.replace(tmp, self.dir / self.journal)
         _fsync_dir(self.dir)
 
     # -- state ---------------------------------------------------------------------------------
@@ -558,7 +604,7 @@ class StoreWriter:
         else:
             dt = torch.bfloat16 if self.fmt == "fp8_e4m3" else getattr(torch, self.fmt)
             tensors["last"] = last.to(dt).contiguous()
-        name = f"{split}-{self._seq:06d}.safetensors"
+        name = f"{split}-{self.rank_tag + '-' if self.rank_tag else ''}{self._seq:06d}.safetensors"
         self._seq += 1
         final = self.dir / SHARDS / name
         tmp = self.dir / SHARDS / f".tmp-{name}"
@@ -575,7 +621,7 @@ class StoreWriter:
         rec = {"shard": name, "split": split, "indices": p.indices, "lengths": p.lengths, "rows": p.rows,
                "skipped": skips, "bytes": final.stat().st_size, "crc32": crc}
         # The commit point: until this line is durable the shard is an orphan a resume deletes.
-        with open(self.dir / JOURNAL, "a", encoding="utf-8") as f:
+        with open(self.dir / self.journal, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -118,7 +118,8 @@ def save_checkpoint(run_dir, step: int, model_state: dict, opt, sched, extra: di
         save_file(_tensors_for_safetensors(model_state), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         files.append(tmp / MODEL_FILE)
         if opt is not None:
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            # A dict is an optimizer state already gathered (a sharded draft's, see distributed.DraftEngine).
+            torch.save(opt if isinstance(opt, dict) else opt.state_dict(), tmp / "optimizer.pt")
             files.append(tmp / "optimizer.pt")
         if sched is not None:
             torch.save(sched.state_dict(), tmp / "scheduler.pt")

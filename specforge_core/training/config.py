@@ -54,6 +54,17 @@ class TrainConfig(DataFields):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
 
+    # -- scale-out (under torchrun; one process ignores these) -------------------------------------
+    target_parallel: Literal["replicate", "fsdp"] = Field("replicate", description="online target across "
+                                                          "ranks: a full copy on each, or FSDP2-sharded per "
+                                                          "decoder layer (forward only)")
+    draft_parallel: Literal["ddp", "fsdp"] = Field("ddp", description="the draft across ranks: "
+                                                   "DistributedDataParallel, or FSDP2-sharded")
+    dist_timeout: int = Field(600, ge=10, description="seconds a collective waits for the other ranks "
+                              "before the job fails (a dead or stalled rank)")
+    estimate_memory: bool = Field(False, description="print the per-rank memory estimate (target shard, "
+                                  "draft, optimizer, activations) and stop without training")
+
     # -- bookkeeping -------------------------------------------------------------------------------
     output_dir: str = Field("workspace/runs/eagle3", description="run directory (checkpoints, metrics.jsonl)")
     resume: bool = Field(False, description="continue from the latest checkpoint in output_dir")

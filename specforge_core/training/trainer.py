@@ -36,7 +36,8 @@ from .batches import EpochBatches
 from ..models.checkpoints import BEST, best_checkpoint
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import (DistInfo, DraftEngine, PeerFailure, all_reduce_sum, barrier, cleanup, init_distributed, peer_failure,
+                          rescale_position, shard_target)
 from .metrics import TTTMetrics
 from .tracking import Tracker
 from .medusa_loss import medusa_forward
@@ -226,6 +227,8 @@ def setup_online(cfg: TrainConfig, info: DistInfo, events: Events, use_bf16: boo
                          device=info.device, layer_ids=capture_layers(cfg) if reads_aux else None, aux=reads_aux)
     if reads_aux:
         servable_or_raise(target.layer_ids, target.num_layers)
+    if cfg.target_parallel == "fsdp":
+        target = shard_target(target, info)
     data = load_training_data(cfg, info, events, target.vocab_size)
     eval_ds = None if data.eval is None else data.eval.select(range(min(len(data.eval), cfg.eval_max_samples)))
     return target, OnlineTeacher(target, reads_aux), data, data.train, eval_ds
@@ -323,6 +326,7 @@ class Run:
     bf16: bool
     pad_id: int
     eval_ds: Any = None
+    engine: Any = None        # distributed.DraftEngine: the draft as DDP / FSDP2 sees it (forward, sync, state)
 
 
 @dataclass
@@ -341,16 +345,23 @@ def resume(run: Run) -> TrainState:
         run.events.warning(f"--resume: no complete checkpoint in {run.run_dir}; starting from scratch")
         return TrainState()
     ck = load_checkpoint(last)
-    missing, unexpected = run.draft.load_state_dict(ck["model_state"], strict=False)
+    # The single-file state goes into the (possibly sharded) draft whatever world size wrote it.
+    missing, unexpected = run.engine.load_full_state(ck["model_state"], run.opt, ck["optimizer_state"])
     # Checkpoints leave out the frozen embedding (the target's, already loaded); anything else must fit.
     bad = [m for m in missing if not m.startswith("embed_tokens")] + list(unexpected)
     if bad:
         raise ValueError(f"{last}: checkpoint does not fit this draft: {bad[:5]}")
-    run.opt.load_state_dict(ck["optimizer_state"])
     run.sched.load_state_dict(ck["scheduler_state"])
     restore_rng(ck["rng"])
     st = ck["trainer_state"]
-    state = TrainState(step=st["step"], epoch=st["epoch"], micro=st["micro"], best=st.get("best"),
+    # Checkpoints older than the world size in trainer_state.json resume at the same world size and batch.
+    was_world, was_batch = st.get("world_size", run.info.world_size), st.get("batch_size", run.cfg.batch_size)
+    micro, again = rescale_position(st["micro"], was_world, was_batch, run.info.world_size, run.cfg.batch_size)
+    if again:
+        run.events.warning(f"--resume: the checkpoint was taken at {was_world} rank(s) x batch {was_batch}; at "
+                           f"{run.info.world_size} x {run.cfg.batch_size} the run resumes {again} sample(s) early in "
+                           "the epoch (they are trained on again)")
+    state = TrainState(step=st["step"], epoch=st["epoch"], micro=micro, best=st.get("best"),
                        since_best=st.get("since_best", 0))
     run.tracker.truncate_after(state.step)
     run.events.emit("resumed", checkpoint=str(last), step=state.step, epoch=state.epoch, micro=state.micro)
@@ -358,8 +369,11 @@ def resume(run: Run) -> TrainState:
 
 
 def checkpoint(run: Run, state: TrainState, reason: str) -> None:
-    save_checkpoint(run.run_dir, state.step, run.draft.state_dict(), run.opt, run.sched,
-                    extra={**asdict(state), "reason": reason}, config=run.draft_config.to_dict(),
+    # Gathered on every rank (a collective when the draft is sharded), written by rank 0 alone.
+    model_state, opt_state = run.engine.full_model_state(), run.engine.full_optim_state(run.opt)
+    save_checkpoint(run.run_dir, state.step, model_state, opt_state, run.sched,
+                    extra={**asdict(state), "reason": reason, "world_size": run.info.world_size,
+                           "batch_size": run.cfg.batch_size}, config=run.draft_config.to_dict(),
                     keep_last=run.cfg.keep_last, is_main=run.info.is_main)
     barrier(run.info)  # rank 0 alone writes; no rank leaves the loop before the checkpoint is on disk
     run.events.emit("checkpoint", step=state.step, reason=reason)
@@ -374,7 +388,7 @@ def keep_if_best(run: Run, state: TrainState, row: dict | None) -> bool:
     if state.best is None or metric > state.best:
         state.best, state.since_best = metric, 0
         if run.cfg.keep_best:
-            save_checkpoint(run.run_dir, state.step, run.draft.state_dict(), None, None,
+            save_checkpoint(run.run_dir, state.step, run.engine.full_model_state(), None, None,
                             extra={**asdict(state), "reason": "best", "eval": row},
                             config=run.draft_config.to_dict(), keep_last=1, is_main=run.info.is_main, subdir=BEST)
             barrier(run.info)
@@ -428,18 +442,20 @@ def train_step(run: Run, state: TrainState, micro_batches: Iterator[tuple[int, B
     cfg = run.cfg
     run.opt.zero_grad(set_to_none=True)
     metrics, tokens, n = TTTMetrics(cfg.draft_steps), 0, 0
-    for index, batch in itertools.islice(micro_batches, cfg.grad_accum):
+    items = list(itertools.islice(micro_batches, cfg.grad_accum))
+    for index, batch in items:
         state.micro = index + 1
         batch = batch.to(run.info.device)
-        out = run_ttt(run, batch)
-        (out.loss / cfg.grad_accum).backward()
+        n += 1
+        # Through the engine: DDP / FSDP2 see one forward per backward and reduce gradients on the last.
+        with run.engine.sync(last=n == len(items)):
+            out = run.engine(lambda: run_ttt(run, batch))
+            (out.loss / cfg.grad_accum).backward()
         metrics.add(out)
         tokens += batch.num_tokens
-        n += 1
     if n == 0:
         return None
-    all_reduce_grads(run.params, run.info)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = run.engine.clip_grad_norm(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     run.opt.step()
     run.sched.step()
     state.step += 1
@@ -470,7 +486,8 @@ def evaluate(run: Run, state: TrainState) -> dict | None:
     run.draft.eval()
     with torch.no_grad():
         for _, batch in batches.iter_epoch(0):
-            metrics.add(run_ttt(run, batch.to(info.device), "eval"))
+            batch = batch.to(info.device)
+            metrics.add(run.engine(lambda: run_ttt(run, batch, "eval")))
     run.draft.train()
     m = metrics.reduced(lambda sums: all_reduce_sum(sums, info))
     row = {"split": "eval", "step": state.step, "epoch": state.epoch, **m.row(cfg.loss_decay), "samples": len(ds)}
@@ -484,7 +501,14 @@ def evaluate(run: Run, state: TrainState) -> dict | None:
 # ------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, events: Events) -> dict:
     t_start = time.time()
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.dist_timeout)
+    if cfg.estimate_memory:  # report the per-rank estimate and stop: nothing is loaded or written
+        from .memory import plan_memory
+
+        try:
+            return {"memory_estimate": plan_memory(cfg, info, events, _bf16(cfg, info), only=True)}
+        finally:
+            cleanup(info)
     run_dir = Path(cfg.output_dir)
     if not info.is_main:
         return _train(cfg, events, info, t_start)
@@ -492,6 +516,10 @@ def train(cfg: TrainConfig, events: Events) -> dict:
     # One writer per run dir (rank 0 writes for all): a second `train` on it stops here, naming the first.
     with output_lock(run_dir, "training", lock_file=run_dir / "run.lock", error=ConfigError):
         return _train(cfg, events, info, t_start)
+
+
+def _bf16(cfg: TrainConfig, info: DistInfo) -> bool:
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and info.device.type == "cuda")
 
 
 def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> dict:
@@ -502,14 +530,18 @@ def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> 
         if not cfg.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
             raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, "
                              "or choose another --output-dir")
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and info.device.type == "cuda")
+    use_bf16 = _bf16(cfg, info)
     events.emit("train_start", output_dir=str(run_dir), world_size=info.world_size, device=str(info.device),
                 bf16=use_bf16)
+    from .memory import plan_memory
+
+    plan_memory(cfg, info, events, use_bf16)  # refuses, naming the part, a plan that cannot fit
 
     setup = setup_offline if cfg.train_hidden_states else setup_online
     target, teacher, data, train_ds, eval_ds = setup(cfg, info, events, use_bf16)
     draft, draft_config = build_draft_model(cfg, target, data, info.device)
-    params = [p for p in draft.parameters() if p.requires_grad]
+    engine = DraftEngine(draft, info, cfg.draft_parallel)  # before the optimizer: FSDP2 swaps the parameters
+    params = engine.params
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     batches = EpochBatches(train_ds, cfg.batch_size, cfg.seed, info.rank, info.world_size,
                            pad_id=target.pad_token_id)
@@ -521,7 +553,7 @@ def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> 
     tracker = Tracker(run_dir, [r for r in cfg.report_to if r != "none"], cfg.model_dump(mode="json"),
                       is_main=info.is_main, wandb_project=cfg.wandb_project, wandb_name=cfg.wandb_name)
     run = Run(cfg, info, events, run_dir, draft, draft_config, params, opt, sched, teacher, tracker, use_bf16,
-              target.pad_token_id, eval_ds)
+              target.pad_token_id, eval_ds, engine)
     state = resume(run) if cfg.resume else TrainState()
     if info.is_main:
         write_run_json(run_dir, f"train-{cfg.draft_type}", cfg, draft_config=draft_config.to_dict(), cache=str(data.path),
@@ -562,6 +594,12 @@ def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> 
         keep_if_best(run, state, final_eval)
         last_eval = final_eval or last_eval
         checkpoint(run, state, "final")
+    except RuntimeError as e:
+        why = peer_failure(info, e)
+        if why is None:
+            raise
+        events.emit("peer_failure", rank=info.rank, step=state.step, message=why)
+        raise PeerFailure(why) from e
     finally:
         tracker.close()
         cleanup(info)

@@ -5,11 +5,11 @@ The form comes from the schema (`workbench.forms`): the key fields up front, the
 (`draft_type`) has a box of its own below the key fields, with only that family's fields shown
 (EAGLE3: TTT length and decay, aux layers, attention; Medusa: heads, blocks per head, decay); the
 hidden family's fields are left at their defaults, so the run, the saved config and the CLI command
-carry only what is shown. Paths typed in
-the form are resolved inside the workspace (`security.resolve_in_workspace`). The run is a
-background job (`specforge_core.jobs.runner`, optionally under torchrun with N processes); a
-`gr.Timer` polls what the job writes (`metrics.jsonl`, its checkpoints) and redraws the loss,
-acc_k (EAGLE3's TTT steps; a Medusa run's "head i") and simulated acceptance-length plots. Export and check run as jobs of their own. Offline
+carry only what is shown. Paths typed in the form are resolved inside the workspace
+(`security.resolve_in_workspace`). The run is a background job (`specforge_core.jobs.runner`,
+optionally under torchrun with N processes); a `gr.Timer` polls what the job writes (`metrics.jsonl`,
+its checkpoints) and redraws the loss, acc_k (EAGLE3's TTT steps; "head i" for a Medusa run) and
+simulated acceptance-length plots. Export and check run as jobs of their own. Offline
 training (a hidden-state store instead of the target's weights) is the `train_hidden_states`
 field, with a disk estimate from `specforge_core.offline.store`.
 """
@@ -41,7 +41,8 @@ FAMILY_TITLES = {"eagle3": "**EAGLE3**: one decoder layer over three captured ta
                            "training-time test (TTT) for `ttt length` steps",
                  "medusa": "**Medusa**: K heads over the target's last hidden state; head i predicts token "
                            "t+2+i (served by vLLM <= 0.32; SGLang has no Medusa)"}
-FAMILY_LABELS = {"draft_type": "draft family", "medusa_num_heads": "heads (K)", "medusa_num_layers": "residual blocks per head",
+FAMILY_LABELS = {"draft_type": "draft family", "medusa_num_heads": "heads (K)",
+                 "medusa_num_layers": "residual blocks per head",
                  "medusa_decay": "head decay (weight of head i = decay**i)"}
 # Defaults that point into the workspace instead of the CLI's `workspace/...` (the job runs in it).
 GUI_DEFAULTS = {"output_dir": SAMPLE_RUN, "cache_dir": "cache", "num_proc": 1}
@@ -120,8 +121,13 @@ def family_view(draft_type: Optional[str], output_dir: Any) -> tuple[dict[str, b
     return {fam: fam == picked for fam in FAMILY_FIELDS}, out
 
 
-def cli_command(workspace: str | Path, nproc: Any, *values: Any) -> str:
-    """The shell command that runs the same training by hand (from the workspace directory)."""
+RDZV_PORT = 29500
+
+
+def cli_command(workspace: str | Path, nproc: Any, *values: Any, nodes: Any = 1) -> str:
+    """The shell command that runs the same training by hand (from the workspace directory): `specforge-wb
+    train`, torchrun with `nproc` processes, or with `nodes` > 1 the multi-node torchrun line each node runs
+    (its rank and node 0's address as shell variables; the README's "Scale-out" section)."""
     try:
         cfg = train_config(workspace, values)
     except FormError as e:
@@ -129,10 +135,19 @@ def cli_command(workspace: str | Path, nproc: Any, *values: Any) -> str:
     from specforge_core.config import config_to_argv
 
     argv = config_to_argv(cfg)
-    n = int(nproc or 1)
+    n, nn = int(nproc or 1), int(nodes or 1)
     head = ["specforge-wb", "train"] if n <= 1 else ["torchrun", "--nproc_per_node", str(n), "-m",
                                                       "specforge_core", "train"]
-    lines, cur = [shlex.join(head)], []
+    first = shlex.join(head)
+    note = ""
+    if nn > 1:
+        # Unquoted on purpose: the shell fills in each node's rank and node 0's host name.
+        first = (f"torchrun --nnodes {nn} --nproc_per_node {n} --node-rank $NODE_RANK "
+                 f"--rdzv-endpoint $MASTER_HOST:{RDZV_PORT} -m specforge_core train")
+        note = (f"# on each of the {nn} nodes ({nn} x {n} = {nn * n} processes): NODE_RANK=0..{nn - 1}, MASTER_HOST = "
+                "node 0's address;\n# the workspace (cache, output dir) on a filesystem every node sees\n"
+                f"export NODE_RANK=0 MASTER_HOST={_hostname()}\n")
+    lines, cur = [first], []
     for a in argv:
         if a.startswith("--") and cur:
             lines.append(shlex.join(cur))
@@ -140,7 +155,13 @@ def cli_command(workspace: str | Path, nproc: Any, *values: Any) -> str:
         cur.append(a)
     if cur:
         lines.append(shlex.join(cur))
-    return f"cd {shlex.quote(str(Path(workspace).resolve()))}\n" + " \\\n    ".join(lines)
+    return note + f"cd {shlex.quote(str(Path(workspace).resolve()))}\n" + " \\\n    ".join(lines)
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname() or "node0"
 
 
 def save_config(workspace: str | Path, dest: str, *values: Any) -> str:
@@ -412,6 +433,9 @@ def build(ctx) -> dict:
     with gr.Row(equal_height=False):
         c["nproc"] = gr.Number(value=1, precision=0, minimum=1, maximum=64, label="processes",
                                info="> 1 runs under torchrun", elem_id="train-nproc", scale=1, min_width=160)
+        c["nodes"] = gr.Number(value=1, precision=0, minimum=1, maximum=1024, label="nodes (CLI command)",
+                               info="> 1: \"Show CLI command\" prints the multi-node torchrun line (processes "
+                               "per node); Start runs here", elem_id="train-nodes", scale=1, min_width=160)
         c["save_path"] = gr.Textbox(value="configs/train.yaml", label="save config as", scale=2,
                                     info="a .yaml or .json file in the workspace", elem_id="train-save-path")
     with gr.Row(equal_height=False, elem_classes=["wb-buttons"]):
@@ -441,8 +465,8 @@ def build(ctx) -> dict:
                    launch_inputs=[c["nproc"], *inputs], cancel_button=c["cancel"], message=c["message"],
                    job_id=c["job_id"], outputs=[c["status"], c["loss_plot"], c["acc_plot"], c["accept_plot"],
                                                 c["checkpoints"], c["summary"], c["timer"]])
-    c["show_cli"].click(lambda n, *v: gr.update(value=cli_command(ws, n, *v), visible=True),
-                        inputs=[c["nproc"], *inputs], outputs=c["cli"])
+    c["show_cli"].click(lambda n, nn, *v: gr.update(value=cli_command(ws, n, *v, nodes=nn), visible=True),
+                        inputs=[c["nproc"], c["nodes"], *inputs], outputs=c["cli"])
     c["save"].click(lambda p, *v: save_config(ws, p, *v), inputs=[c["save_path"], *inputs], outputs=c["message"])
     c["estimate_btn"].click(lambda *v: disk_estimate(ws, *v), inputs=inputs, outputs=c["estimate"])
     if ctx.app is not None:
