@@ -288,7 +288,10 @@ def export_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optio
         ej = submit_job(workspace, "export", cfg)
     except Exception as e:  # noqa: BLE001
         return render_message(f"could not start the export: {e}", ok=False), None
-    return render_message(f"export started as job {ej.id} → {relative_name(workspace, cfg.output)}"), ej.id
+    servers = ("vLLM <= 0.32 (SGLang has no Medusa)" if job.config.get("draft_type") == "medusa"
+               else "SGLang and vLLM")
+    return render_message(f"export started as job {ej.id} → {relative_name(workspace, cfg.output)} "
+                          f"(loads on {servers})"), ej.id
 
 
 def check_run(workspace: str | Path, job_id: Optional[str]) -> tuple[str, Optional[str]]:
@@ -453,7 +456,7 @@ def build(ctx) -> dict:
         c["accept_plot"] = gr.Plot(label="simulated acceptance length", elem_id="train-accept-plot")
     c["acc_plot"] = gr.Plot(label="accuracy per TTT step (EAGLE3) / per head (Medusa)", elem_id="train-acc-plot")
     with gr.Row(equal_height=True):
-        c["export"] = gr.Button("Export for SGLang / vLLM", elem_id="train-export")
+        c["export"] = gr.Button("Export serving checkpoint", elem_id="train-export")
         c["check"] = gr.Button("Check exported draft", elem_id="train-check")
     c["side_job"] = gr.State(None)
     c["side_status"] = gr.HTML(elem_id="train-side-status")
