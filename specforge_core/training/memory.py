@@ -52,9 +52,9 @@ def _target_on_meta(name: str):
 
 def estimate_memory(cfg, world_size: int, device_type: str = "cpu", bf16: bool = False) -> dict:
     """Per-rank bytes of each part of the plan `cfg` (a TrainConfig) at `world_size` ranks."""
-    from ..models.registry import build_draft, family
+    from ..models.registry import build_draft
     from ..models.target import default_layer_ids
-    from .trainer import capture_layers, draft_overrides
+    from .trainer import _family, capture_layers, draft_overrides
 
     W = max(1, int(world_size))
     model = _target_on_meta(cfg.target_model)
@@ -78,9 +78,14 @@ def estimate_memory(cfg, world_size: int, device_type: str = "cpu", bf16: bool =
         target_note = "full copy"
 
     # The draft, exactly as the trainer shapes it (on meta: no memory).
-    layer_ids = capture_layers(cfg) or default_layer_ids(len(layers))
+    fam = _family(cfg)
     Vd = min(int(cfg.draft_vocab_size), V)
-    dconf = family("eagle3").build_config(text, Vd, layer_ids=layer_ids, overrides=draft_overrides(cfg))
+    if fam.reads_aux:
+        layer_ids = capture_layers(cfg) or default_layer_ids(len(layers))
+        dconf = fam.build_config(text, Vd, layer_ids=layer_ids, overrides=draft_overrides(cfg))
+    else:  # Medusa: heads over the last hidden state, no capture layers
+        dconf = fam.build_config(text, Vd, layer_ids=None, overrides=None, num_heads=cfg.medusa_num_heads,
+                                 num_layers=cfg.medusa_num_layers)
     with torch.device("meta"):
         draft = build_draft(dconf)
     emb = draft.embed_tokens.weight.numel() if hasattr(draft, "embed_tokens") else 0
@@ -99,7 +104,7 @@ def estimate_memory(cfg, world_size: int, device_type: str = "cpu", bf16: bool =
     Bt = int(cfg.batch_size) * int(cfg.max_length)
     Hd = int(getattr(dconf, "hidden_size", H))
     Id = int(getattr(dconf, "intermediate_size", 4 * Hd))
-    K = int(cfg.ttt_length)
+    K = int(cfg.draft_steps)
     act_target = 0 if offline else Bt * (2 * I_t + 4 * H) * b          # one layer's transient block
     act_teacher = Bt * (V + 3 * H) * b + Bt * Vd * 4                   # logits + aux, fp32 teacher probs
     act_draft = K * Bt * (2 * Vd + 12 * Hd + 3 * Id) * 4               # per TTT step, kept for backward
