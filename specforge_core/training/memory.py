@@ -54,7 +54,7 @@ def estimate_memory(cfg, world_size: int, device_type: str = "cpu", bf16: bool =
     """Per-rank bytes of each part of the plan `cfg` (a TrainConfig) at `world_size` ranks."""
     from ..models.registry import build_draft
     from ..models.target import default_layer_ids
-    from .trainer import _family, capture_layers, draft_overrides
+    from .trainer import _family, build_draft_config, capture_layers
 
     W = max(1, int(world_size))
     model = _target_on_meta(cfg.target_model)
@@ -78,14 +78,9 @@ def estimate_memory(cfg, world_size: int, device_type: str = "cpu", bf16: bool =
         target_note = "full copy"
 
     # The draft, exactly as the trainer shapes it (on meta: no memory).
-    fam = _family(cfg)
     Vd = min(int(cfg.draft_vocab_size), V)
-    if fam.reads_aux:
-        layer_ids = capture_layers(cfg) or default_layer_ids(len(layers))
-        dconf = fam.build_config(text, Vd, layer_ids=layer_ids, overrides=draft_overrides(cfg))
-    else:  # Medusa: heads over the last hidden state, no capture layers
-        dconf = fam.build_config(text, Vd, layer_ids=None, overrides=None, num_heads=cfg.medusa_num_heads,
-                                 num_layers=cfg.medusa_num_layers)
+    layer_ids = (capture_layers(cfg) or default_layer_ids(len(layers))) if _family(cfg).reads_aux else None
+    dconf = build_draft_config(cfg, text, Vd, layer_ids)
     with torch.device("meta"):
         draft = build_draft(dconf)
     emb = draft.embed_tokens.weight.numel() if hasattr(draft, "embed_tokens") else 0

@@ -264,6 +264,15 @@ def servable_or_raise(layer_ids: list[int], num_layers: int) -> None:
         raise ValueError("--aux-layer-ids: " + "; ".join(problems))
 
 
+def build_draft_config(cfg: TrainConfig, target_config, draft_vocab_size: int, layer_ids):
+    """The draft's config for this run, shaped after the target's: the one place the run's family fields
+    (EAGLE3 overrides, Medusa heads and blocks) reach the family's config builder."""
+    extra = {"num_heads": cfg.medusa_num_heads, "num_layers": cfg.medusa_num_layers} \
+        if cfg.draft_type == "medusa" else {}
+    return _family(cfg).build_config(target_config, draft_vocab_size, layer_ids=layer_ids,
+                                     overrides=draft_overrides(cfg), **extra)
+
+
 def build_draft_model(cfg: TrainConfig, target, data, device: torch.device):
     """(draft, draft config): shaped after the target (plus --draft-model-config overrides), with the
     target's embedding (EAGLE3) and the cache's draft vocabulary. The family (`--draft-type`) comes from
@@ -275,11 +284,7 @@ def build_draft_model(cfg: TrainConfig, target, data, device: torch.device):
     if vocab.target_vocab_size != target.vocab_size:
         raise ValueError(f"the draft vocab in {data.path} maps a target vocab of {vocab.target_vocab_size} ids, "
                          f"but {cfg.target_model} has {target.vocab_size}: tokenizer and target do not match")
-    fam = _family(cfg)
-    extra = {"num_heads": cfg.medusa_num_heads, "num_layers": cfg.medusa_num_layers} \
-        if cfg.draft_type == "medusa" else {}
-    draft_config = fam.build_config(target.config, vocab.draft_vocab_size, layer_ids=target.layer_ids,
-                                    overrides=draft_overrides(cfg), **extra)
+    draft_config = build_draft_config(cfg, target.config, vocab.draft_vocab_size, target.layer_ids)
     draft = build_draft(draft_config)
     if hasattr(draft, "load_embedding"):
         draft.load_embedding(target.embedding_weight())
