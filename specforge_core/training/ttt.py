@@ -261,14 +261,16 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
             sl = slice(1 + k, 1 + k + n)                  # teacher index t+1+k
             tk = slice(2 + k, 2 + k + n)                  # predicted token t+2+k
             mask = am[:, :n] & am[:, sl] & am[:, tk] & lm[:, tk] & in_draft[:, sl]          # [B,n]
-            logits = draft.logits(out[:, :n])                                               # [B,n,Vd]
+            # The lm_head and its softmax are most of a step's cost: run them on the counted positions
+            # only (about half: prompts, padding and untrained turns drop out). Same loss, same gradients.
+            logits = draft.logits(out[:, :n][mask])                                         # [cnt,Vd]
             logp = torch.log_softmax(_up(logits), dim=-1)
-            ce = -(teacher[:, sl] * logp).sum(-1)                                           # [B,n]
+            ce = -(teacher[:, sl][mask] * logp).sum(-1)                                     # [cnt]
             cnt = int(mask.sum())
-            lk = (ce * mask).sum() / max(cnt, 1)
+            lk = ce.sum() / max(cnt, 1)
             with torch.no_grad():
                 pred = logits.argmax(-1)
-                correct = (pred + d2t[pred] == target_arg[:, sl]) & mask
+                correct = pred + d2t[pred] == target_arg[:, sl][mask]
                 acc_k = float(correct.sum()) / max(cnt, 1)
         else:
             cnt, acc_k = 0, 0.0
