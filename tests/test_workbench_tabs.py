@@ -497,13 +497,12 @@ def test_fresh_workspace_gets_the_sample_and_the_tabs_point_at_it(tmp_path):
     assert common.SAMPLE_DATA in dt.sample_note(fresh) and "prepare-data" in dt.sample_note(fresh)
     rows = dt.preview_rows(fresh, common.SAMPLE_DATA)
     assert len(rows) == 20
-    # Train trains on what prepare-data writes from it; Benchmark prompts from it, on the Train tab's run
+    # Train trains on what prepare-data writes from it; Benchmark prompts from it, with the shipped draft
     train = tt.workspace_form(fresh)
     assert train.default(next(s for s in tt.flat_specs() if s.name == "train_data")) == [common.SAMPLE_TRAIN]
     ev = bt.workspace_eval_form(fresh)
     by = {s.name: ev.default(s) for s in bt.eval_specs()}
-    assert by["prompts"] == common.SAMPLE_DATA and by["draft"] == tt.gui_default(
-        next(s for s in tt.flat_specs() if s.name == "output_dir")) and by["target"] == "default"
+    assert by["prompts"] == common.SAMPLE_DATA and by["draft"] == "default" and by["target"] == "default"
     assert bt.default_mode() == bt.MODE_INPROCESS  # no sglang in this environment
 
     # a workspace with data of its own, or with jobs, is left alone
@@ -577,11 +576,18 @@ def test_benchmark_in_process_mode_config_and_results(ws):
     specs = bt.eval_specs()
     vals = {s.name: s.to_widget(bt.EVAL_FORM.default(s)) for s in specs}
     vals["prompts"] = "data/p.jsonl"
-    # the draft must exist (train first), like the prompts
+    # the default draft is the shipped one, by name (not a workspace path); the prompts must exist
+    assert vals["draft"] == "default"
     with pytest.raises(FormError) as e:
         bt.evaluate_config(ws, [vals[s.name] for s in specs])
-    assert set(e.value.errors) == {"draft", "prompts"} and "no such file" in e.value.errors["draft"]
+    assert set(e.value.errors) == {"prompts"} and "no such file" in e.value.errors["prompts"]
     _write_jsonl(ws / "data" / "p.jsonl", [CONV])
+    assert bt.evaluate_config(ws, [vals[s.name] for s in specs]).draft == "default"
+    # a draft typed as a path must exist in the workspace (train first), like the prompts
+    vals["draft"] = "runs/eagle3"
+    with pytest.raises(FormError) as e:
+        bt.evaluate_config(ws, [vals[s.name] for s in specs])
+    assert set(e.value.errors) == {"draft"} and "no such file" in e.value.errors["draft"]
     (ws / "runs" / "eagle3").mkdir(parents=True)
     cfg = bt.evaluate_config(ws, [vals[s.name] for s in specs])
     assert cfg.target == "default" and cfg.draft == str((ws / "runs" / "eagle3").resolve())

@@ -298,6 +298,16 @@ def _names_engine_model(name: str) -> bool:
     return is_default(name) or name.lower() in LLAMA3_ALIASES
 
 
+def names_shipped_draft(name: Any) -> bool:
+    """`default` (or a shipped draft's own name): the draft that ships inside the package, not a workspace path."""
+    from specforge_core.targets import DEFAULT_DRAFT, SHIPPED_DRAFTS_DIR, is_default
+
+    if not isinstance(name, str) or not name.strip():
+        return False
+    key = name.strip().lower()
+    return is_default(key) or key == DEFAULT_DRAFT or (SHIPPED_DRAFTS_DIR / key).is_dir()
+
+
 def resolve_model_name(workspace: str | Path, name: str) -> str:
     """A target / tokenizer name from a form -> what the engine loads: `default`, `llama3` and hub ids
     (org/name, found in the local HF cache) pass through; anything else is a path in the workspace."""
@@ -318,19 +328,22 @@ def workspace_transform(workspace: str | Path, paths: Iterable[str] = (), models
                         existing: Iterable[str] = (), check: Callable[[dict, dict], None] | None = None):
     """A form's `transform` (see `forms.values_to_config`): the `paths` fields resolved in the workspace,
     the `models` fields through `resolve_model_name`, the `existing` fields' files checked to exist,
-    then `check(values, errors)` for a tab's own rules; every problem is reported by field."""
+    then `check(values, errors)` for a tab's own rules; every problem is reported by field. A `draft`
+    field that names the shipped draft (`default`) passes through as a name, like a `models` field."""
     ws = Path(workspace)
     paths, models, existing = tuple(paths), tuple(models), tuple(existing)
 
     def transform(data: dict) -> dict:
-        out, errors = resolve_path_fields(ws, data, paths)
+        shipped = {k for k in ("draft",) if k in paths and names_shipped_draft(data.get(k))}
+        out, errors = resolve_path_fields(ws, data, [k for k in paths if k not in shipped])
+        existing_here = [k for k in existing if k not in shipped]
         for name in models:
             if out.get(name):
                 try:
                     out[name] = resolve_model_name(ws, out[name])
                 except PathOutsideWorkspace as e:
                     errors[name] = str(e)
-        for name in existing:
+        for name in existing_here:
             missing = [p for p in _as_list(out.get(name)) if not Path(p).exists()]
             if missing and name not in errors:
                 errors[name] = f"{relative_name(ws, missing[0])}: no such file in the workspace"

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..targets import shipped_draft_dir
 from .config import SpecConfig
 
 # SGLang renamed --cuda-graph-max-bs to --cuda-graph-max-bs-decode (and -prefill) in 0.5.2x; the old
@@ -131,7 +132,7 @@ def sglang_argv(target: str, draft: Optional[str] = None, steps: int = 0, topk: 
     if steps > 0:
         if not draft:
             raise ValueError(f"config steps={steps}: speculative decoding needs a draft model path")
-        argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(draft),
+        argv += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(shipped_draft_dir(str(draft)) or draft),
                  "--speculative-num-steps", str(steps), "--speculative-eagle-topk", str(topk),
                  "--speculative-num-draft-tokens", str(draft_tokens)]
     if tp != 1:

@@ -23,19 +23,22 @@ from .config import CheckDraftConfig, ExportConfig
 
 def check_draft(cfg: CheckDraftConfig, events: Events) -> dict:
     """The `check-draft` job: every problem in words; exit code 1 when there is any."""
+    from ..targets import shipped_draft_dir
+
+    path = shipped_draft_dir(str(cfg.path)) or Path(cfg.path)   # `default`: the draft shipped in the package
     tcfg = load_target_config(cfg.target) if cfg.target else None
-    problems = check_draft_dir(cfg.path, target_config=tcfg)
+    problems = check_draft_dir(path, target_config=tcfg)
     for msg in problems:
-        events.warning(msg, path=str(cfg.path))
-    summary: dict[str, Any] = {"path": str(cfg.path), "ok": not problems, "problems": problems,
+        events.warning(msg, path=str(path))
+    summary: dict[str, Any] = {"path": str(path), "ok": not problems, "problems": problems,
                                "exit_code": 0 if not problems else 1, "target_checked": bool(cfg.target)}
     try:
-        c = json.loads((Path(cfg.path) / CONFIG_FILE).read_text(encoding="utf-8"))
+        c = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         summary.update({k: c.get(k) for k in ("hidden_size", "vocab_size", "draft_vocab_size")})
         summary["aux_layer_ids"] = (c.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
     except (OSError, json.JSONDecodeError, AttributeError):
         pass
-    events.emit("check_draft", ok=summary["ok"], problems=len(problems), path=str(cfg.path))
+    events.emit("check_draft", ok=summary["ok"], problems=len(problems), path=str(path))
     return summary
 
 

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..common import (SAMPLE_DATA, SAMPLE_RUN, has_sample, job_status_html, relative_name, render_message,
+from ..common import (SAMPLE_DATA, has_sample, job_status_html, relative_name, render_message,
                       start_job, submit_job, watch_job, wire_job_panel, workspace_transform)
 from ..forms import FormError, SchemaForm, one_row, render_errors
 from ..plots import bench_bar
@@ -45,8 +45,9 @@ MODE_SGLANG = "SGLang server"
 MODES = [MODE_INPROCESS, MODE_SGLANG]
 KINDS = {MODE_INPROCESS: "evaluate", MODE_SGLANG: "bench"}
 EVAL_FIELDS = ["target", "draft", "prompts", "configs", "max_prompts", "max_new_tokens", "device", "output"]
-# Small enough for a CPU: a handful of prompts, short answers. The draft is the Train tab's default run.
-EVAL_DEFAULTS = {"draft": SAMPLE_RUN, "output": "bench/evaluate.json", "configs": ["1,3,1,4"], "max_prompts": 8,
+# Small enough for a CPU: a handful of prompts, short answers. The draft is the one shipped for the
+# embedded default target (`default`), so a fresh install measures a real draft before training any.
+EVAL_DEFAULTS = {"draft": "default", "output": "bench/evaluate.json", "configs": ["1,3,1,4"], "max_prompts": 8,
                  "max_new_tokens": 64}
 EVAL_PATH_FIELDS = ("draft", "prompts", "output")
 
@@ -294,8 +295,8 @@ def build(ctx) -> dict:
                 "measured against.")
     c["mode"] = gr.Radio(MODES, value=mode, label="Mode", elem_id="bench-mode")
     with gr.Group(visible=mode == MODE_INPROCESS) as inproc_box:
-        gr.Markdown("The draft is a training run directory (its latest checkpoint), a checkpoint, or a serving "
-                    "export; prompts are conversation rows (the turns before the last answer), `prompt` or "
+        gr.Markdown("The draft is `default` (the draft shipped for the embedded SmolLM2 target), a training run "
+                    "directory (its latest checkpoint), a checkpoint, or a serving export; prompts are conversation rows (the turns before the last answer), `prompt` or "
                     "`turns` rows.")
         _, eval_inputs = eval_form.layout()
     with gr.Group(visible=mode == MODE_SGLANG) as sglang_box:
