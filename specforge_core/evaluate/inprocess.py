@@ -259,7 +259,7 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
                 "draft_kind": src.kind, "draft_family": family_name, "device": str(device),
                 "dtype": str(dtype).replace("torch.", ""),
                 "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "prompts": len(prompts),
-                "prompts_done": len(outputs["baseline"]),
+                "prompts_done": min(len(v) for v in outputs.values()),   # prompts every mode has run
                 "acceptance_length_definition": "pooled: sum(tokens per verify step, bonus counted) / "
                                                 "sum(verify steps); 1.0 = no speculation. "
                                                 "acceptance_length_sglang: SGLang's sum(completion_tokens) / "
