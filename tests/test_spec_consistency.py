@@ -98,22 +98,26 @@ def setup():
 
 @torch.no_grad()
 def ttt_logits(draft, target, seq, backend="sdpa"):
-    """Per step k: the draft's logits [T-2-k, Vd] inside ttt_forward (row t predicts token t+2+k)."""
+    """Per step k: the draft's logits [T-2-k, Vd] inside ttt_forward (row t predicts token t+2+k), from
+    the step's output hidden state (ttt_forward runs the lm_head on the counted rows only, so the spy
+    sits on the layer's output and applies the lm_head to every row itself)."""
     ids = torch.tensor([seq])
     cap = target.capture(ids)
     seen = []
-    orig = draft.logits
+    orig = draft.midlayer.finish
+    T = len(seq)
 
-    def spy(hidden):
-        out = orig(hidden)
-        seen.append(out[0].clone())
+    def spy(h, attn):
+        out = orig(h, attn)
+        k = len(seen)
+        seen.append(draft.logits(out[:, :T - 2 - k])[0].clone())
         return out
-    draft.logits = spy                      # instance attribute shadows the method ttt_forward calls
+    draft.midlayer.finish = spy             # instance attribute shadows the method ttt_forward calls
     try:
         ttt_forward(draft, ids, cap.aux_hidden, cap.logits, torch.ones_like(ids), torch.ones_like(ids),
                     ttt_length=TTT_K, attention_backend=backend)
     finally:
-        del draft.logits
+        del draft.midlayer.finish
     assert [x.shape[0] for x in seen] == [len(seq) - 2 - k for k in range(TTT_K)]
     return seen
 
