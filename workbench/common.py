@@ -300,12 +300,14 @@ def _names_engine_model(name: str) -> bool:
 
 def names_shipped_draft(name: Any) -> bool:
     """`default` (or a shipped draft's own name): the draft that ships inside the package, not a workspace path."""
-    from specforge_core.targets import DEFAULT_DRAFT, SHIPPED_DRAFTS_DIR, is_default
+    from specforge_core.targets import ModelNotFoundError, shipped_draft_dir
 
     if not isinstance(name, str) or not name.strip():
         return False
-    key = name.strip().lower()
-    return is_default(key) or key == DEFAULT_DRAFT or (SHIPPED_DRAFTS_DIR / key).is_dir()
+    try:
+        return shipped_draft_dir(name) is not None     # the engine's own rule for what names a shipped draft
+    except ModelNotFoundError:                         # named, but missing from this install: the engine says so
+        return True
 
 
 def resolve_model_name(workspace: str | Path, name: str) -> str:
