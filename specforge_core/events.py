@@ -71,6 +71,11 @@ class Events:
     def warning(self, message: str, **fields: Any) -> dict:
         return self.emit("warning", message=message, **fields)
 
+    def progress_from(self, what: str, done: int) -> None:
+        """Work on `what` starts now at `done` (a resumed job): its rate and ETA count from here, not
+        from zero at the sink's creation."""
+        self._progress_start[what] = (time.time(), done)
+
     def progress(self, done: int, total: int | None, what: str = "items", force: bool = False,
                  **fields: Any) -> dict | None:
         """Report progress; rate limited to one record per `progress_interval` unless forced."""

@@ -307,6 +307,53 @@ def test_evaluate_job_on_checkpoint_dir(tiny_dirs, tmp_path):
 
 
 @pytest.mark.unit
+def test_a_stopped_evaluation_resumes_where_it_stopped(tiny_dirs, tmp_path):
+    from specforge_core.config import ConfigError
+    from specforge_core.evaluate.config import EvaluateConfig
+    from specforge_core.evaluate.inprocess import evaluate, generations_path
+    from specforge_core.events import Events, JobCancelled
+
+    def cfg(out, **kw):
+        return EvaluateConfig(**{"target": str(tiny_dirs / "target"), "draft": str(tiny_dirs / "run"),
+                                 "prompts": str(tiny_dirs / "prompts.jsonl"), "configs": ["1,2,1,3", "1,2,2,4"],
+                                 "max_new_tokens": 10, "output": str(out), "device": "cpu", **kw})
+
+    whole = evaluate(cfg(tmp_path / "whole.json"), Events(None, echo=False))
+
+    class StopAt(Events):   # a user pressing Cancel during the second prompt's second mode
+        def progress(self, done, total, what="items", force=False, **f):
+            if done == 5:
+                self.cancel()
+            return super().progress(done, total, what, force, **f)
+
+    out = tmp_path / "r.json"
+    with pytest.raises(JobCancelled, match="--resume"):
+        evaluate(cfg(out), StopAt(None, echo=False, progress_interval=0))
+    gens = generations_path(out)
+    assert len(gens.read_text().splitlines()) == 1 + 1           # header + the one prompt every mode ran
+    assert json.loads(out.read_text())["prompts_done"] == 1
+    with open(gens, "a") as f:                                    # a kill in the middle of the next line
+        f.write('{"prompt": 1, "id": "c1", "resu')
+
+    ev = Events(None, echo=False, progress_interval=0)
+    res = evaluate(cfg(out, resume=True), ev)
+    resumed = [r for r in ev.records if r["event"] == "evaluate_resumed"]
+    assert resumed and resumed[0]["prompts_done"] == 1
+    assert any("torn last line" in r.get("message", "") for r in ev.records if r["event"] == "warning")
+    ran = [r["done"] for r in ev.records if r["event"] == "progress" and r["what"] == "generations"]
+    assert ran[0] == 4 and ran[-1] == 9                          # only prompts 2 and 3 ran again
+    assert res["finished"] and res["prompts_done"] == 3
+    for a, b in zip(res["results"], whole["results"]):
+        assert a["completion_tokens"] == b["completion_tokens"] and a["mismatches_vs_baseline"] == 0
+        assert a["acceptance_length"] == pytest.approx(b["acceptance_length"])
+
+    with pytest.raises(ConfigError, match=r"r\.generations\.jsonl.*max_new_tokens was 10, now 12"):
+        evaluate(cfg(out, resume=True, max_new_tokens=12), Events(None, echo=False))
+    fresh = evaluate(cfg(out, max_new_tokens=12), Events(None, echo=False))   # without --resume: over
+    assert fresh["prompts_done"] == 3 and len(gens.read_text().splitlines()) == 4
+
+
+@pytest.mark.unit
 def test_evaluate_cli_on_serving_export(tiny_dirs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = tmp_path / "cli.json"

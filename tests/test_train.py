@@ -182,3 +182,17 @@ def test_smollm2_short_online_run_learns(tmp_path, default_model_dir):
     acc_last = sum(r["acc_0"] for r in rows[-3:]) / 3
     assert last < 0.7 * first, (first, last)
     assert acc_last > acc_first + 0.2, (acc_first, acc_last)
+
+
+@pytest.mark.unit
+def test_a_resumed_jobs_rate_counts_from_where_it_resumed():
+    import time
+
+    from specforge_core.events import Events
+
+    ev = Events(None, echo=False, progress_interval=0)
+    ev.progress_from("steps", 600)     # what the trainer says when it resumes at step 600
+    time.sleep(0.2)
+    rec = ev.progress(610, 1000, what="steps")
+    assert rec["rate"] < 100           # 10 steps in ~0.2 s, not 610
+    assert rec["eta_s"] > 4

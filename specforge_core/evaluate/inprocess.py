@@ -15,22 +15,31 @@ so this is the wall-clock ratio) and, at temperature 0, how many outputs differ 
 
 The first generated token comes from the prefill forward in every mode and is not a verify step; it
 is counted in `completion_tokens` (as SGLang does) but not in the acceptance length.
+
+Every prompt's generations (all modes) are appended to `<output>.generations.jsonl` as one line once
+the last mode has run it; `resume` reads them back, checks they were made by the same draft and
+settings, and runs only the prompts that are missing. A resumed run's timings are those measured when
+each prompt ran (modes interleaved prompt by prompt, so every mode shares each session's conditions).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..events import Events, JobCancelled
 from .benchsets import prompt_source
 from .config import EvaluateConfig
 from .medusa_decode import MedusaDecoder
+from ..regen.store import AppendWriter
 from .spec_decode import GenerationResult, SpecConfig, SpecDecoder, acceptance_summary, greedy_generate
 
 # The in-process decoder of each draft family (models.registry names the families).
@@ -186,11 +195,93 @@ def _device_dtype(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype]:
     return torch.device(dev), getattr(torch, dt)
 
 
+def _linear_kernel(cfg: EvaluateConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The linear kernel this run uses (see EvaluateConfig.linear_kernel)."""
+    from ..models.cpu_kernels import onednn_bf16_available
+
+    if cfg.linear_kernel == "onednn-bf16":
+        if device.type != "cpu":
+            raise ValueError(f"--linear-kernel onednn-bf16 is for CPU runs; this one runs on {device}")
+        if not onednn_bf16_available():
+            raise ValueError("--linear-kernel onednn-bf16: this CPU / PyTorch build has no native oneDNN bf16 "
+                             "matmul (needs AVX512-BF16 or AMX); use --linear-kernel native")
+        return "onednn-bf16"
+    if cfg.linear_kernel == "auto" and device.type == "cpu" and dtype == torch.float32 and onednn_bf16_available():
+        return "onednn-bf16"
+    return "native"
+
+
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume: per-prompt generations on disk
+# ------------------------------------------------------------------------------------------------
+# Settings that change what a prompt's generations are; anything else (max_prompts, warmup, output)
+# may differ between a stopped run and the one that continues it.
+_RESUME_FIELDS = ("target", "prompts", "tokenizer", "chat_template", "system_prompt", "configs", "max_new_tokens",
+                  "temperature", "aux_layer_ids", "device", "dtype", "seed")
+
+
+def generations_path(output) -> Path:
+    out = Path(output)
+    return out.with_name(out.stem + ".generations.jsonl")
+
+
+def _draft_digest(path: Path) -> str:
+    """sha256 over the draft's config and weight files: the same draft, whatever its directory is called."""
+    h = hashlib.sha256()
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + [path / "config.json"]
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _prompt_digest(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def _read_generations(path: Path, header: dict, items: list[dict], prompts: list[list[int]],
+                      modes: list[str], events: Events) -> dict[int, dict[str, GenerationResult]]:
+    """The finished prompts of a stopped run whose header matches `header` (else a ConfigError naming the
+    file and the settings that differ). A torn last line (a kill mid-write) is dropped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        return {}
+    try:
+        old = json.loads(lines[0])["header"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{path}:1: not an evaluation's generations file (no header); remove it or use "
+                          "another --output") from None
+    differ = [k for k in header if old.get(k) != header[k]]
+    if differ:
+        raise ConfigError(f"{path}: made with other settings ({', '.join(differ)}: "
+                          + "; ".join(f"{k} was {old.get(k)!r}, now {header[k]!r}" for k in differ)
+                          + "); run without --resume to start over, or use another --output")
+    done: dict[int, dict[str, GenerationResult]] = {}
+    for n, line in enumerate(lines[1:], start=2):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                events.warning(f"{path}:{n}: dropped a torn last line (the run was killed while writing it)")
+                break
+            raise ConfigError(f"{path}:{n}: not JSON; remove the file to start over") from None
+        i = rec.get("prompt")
+        if not isinstance(i, int) or i >= len(prompts) or rec.get("id") != items[i]["id"] \
+                or rec.get("prompt_sha") != _prompt_digest(prompts[i]) or set(rec.get("results", {})) != set(modes):
+            raise ConfigError(f"{path}:{n}: prompt {i!r} ({rec.get('id')!r}) does not match this run's prompt "
+                              f"list; remove the file to start over")
+        done[i] = {m: GenerationResult(**r) for m, r in rec["results"].items()}
+    return done
 
 
 def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dict:
@@ -223,13 +314,23 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     device, dtype = _device_dtype(cfg)
     target, draft, src, family_name = load_target_and_draft(cfg.target, cfg.draft, device, dtype,
                                                             cfg.aux_layer_ids, events)
+    kernel = _linear_kernel(cfg, device, dtype)
+    if kernel == "onednn-bf16":
+        from ..models.cpu_kernels import pack_linears, use_rowwise_attention
+
+        # Target and draft both: the baseline and every speculative mode run the same kernels. Row-wise
+        # attention keeps a verify forward bit-identical to decode steps (bf16 would amplify the last
+        # fp32 bits of a batched attention into different greedy tokens).
+        pack_linears(target.model)
+        use_rowwise_attention(target.model)
+        pack_linears(draft)
     tok = load_tokenizer(cfg.tokenizer or cfg.target)
     items = read_prompts(prompt_source(cfg.prompts), cfg.max_prompts, events)
     prompts = [render_prompt(it, tok, cfg.chat_template, cfg.system_prompt) for it in items]
     stop = eos_ids(tok, target)
     events.emit("evaluate_start", target=cfg.target, draft=str(src.path), draft_kind=src.kind,
                 draft_family=family_name, prompts=len(prompts), configs=cfg.configs, device=str(device),
-                dtype=str(dtype).replace("torch.", ""), aux_layer_ids=list(target.layer_ids))
+                dtype=str(dtype).replace("torch.", ""), linear_kernel=kernel, aux_layer_ids=list(target.layer_ids))
     torch.manual_seed(cfg.seed)
 
     def gen(i: int) -> torch.Generator | None:
@@ -248,16 +349,29 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
 
     modes = [("baseline", None)] + [(s.label, s) for s in specs]
     total = len(modes) * len(prompts)
-    done = 0
     outputs: dict[str, list[GenerationResult]] = {name: [] for name, _ in modes}
     out_path = Path(cfg.output)
+    gen_path = generations_path(out_path)
+    header = {**{k: getattr(cfg, k) for k in _RESUME_FIELDS}, "draft_sha256": _draft_digest(src.path),
+              "linear_kernel": kernel}
+    header = json.loads(json.dumps(header))   # as it reads back from JSON
+    finished: dict[int, dict[str, GenerationResult]] = {}
+    if cfg.resume and gen_path.exists():
+        finished = _read_generations(gen_path, header, items, prompts, [m for m, _ in modes], events)
+        events.emit("evaluate_resumed", generations=str(gen_path), prompts_done=len(finished),
+                    prompts=len(prompts))
+    else:
+        gen_path.parent.mkdir(parents=True, exist_ok=True)
+        gen_path.write_text(json.dumps({"header": header}) + "\n", encoding="utf-8")
+    done = len(modes) * sum(1 for i in range(len(prompts)) if i in finished)
+    events.progress_from("generations", done)
     summaries: dict[str, dict] = {}
     warned: set[str] = set()
 
     def payload(finished: bool) -> dict:
         return {"kind": "evaluate", "finished": finished, "target": cfg.target, "draft": str(src.path),
                 "draft_kind": src.kind, "draft_family": family_name, "device": str(device),
-                "dtype": str(dtype).replace("torch.", ""),
+                "dtype": str(dtype).replace("torch.", ""), "linear_kernel": kernel,
                 "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "prompts": len(prompts),
                 "prompts_done": min(len(v) for v in outputs.values()),   # prompts every mode has run
                 "acceptance_length_definition": "pooled: sum(tokens per verify step, bonus counted) / "
@@ -292,20 +406,36 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
                                        "differ from plain greedy decoding (float noise in low precision, or a bug)")
             summaries[name] = s
 
-    for i, ids in enumerate(prompts):
-        for name, spec in modes:
-            if events.cancelled:
-                _write_json(out_path, payload(False))
-                raise JobCancelled(f"stopped during {name} at prompt {i}; partial results in {out_path}")
-            if spec is None or not spec.speculative:
-                r = greedy_generate(target, ids, cfg.max_new_tokens, stop, cfg.temperature, gen(i))
-            else:
-                r = decoders[spec.label].generate(ids, cfg.max_new_tokens, stop, gen(i))
-            outputs[name].append(r)
-            done += 1
-            events.progress(done, total, what="generations", mode=name)
-        summarize(final=False)
-        _write_json(out_path, payload(False))
+    writer = AppendWriter(gen_path, fsync_every=1)
+    try:
+        for i, ids in enumerate(prompts):
+            if i in finished:
+                for name, _ in modes:
+                    outputs[name].append(finished[i][name])
+                continue
+            ran: dict[str, GenerationResult] = {}
+            for name, spec in modes:
+                if events.cancelled:
+                    if any(outputs.values()):
+                        summarize(final=False)
+                    _write_json(out_path, payload(False))
+                    raise JobCancelled(f"stopped during {name} at prompt {i}; partial results in {out_path}; "
+                                       "run again with --resume to continue")
+                if spec is None or not spec.speculative:
+                    r = greedy_generate(target, ids, cfg.max_new_tokens, stop, cfg.temperature, gen(i))
+                else:
+                    r = decoders[spec.label].generate(ids, cfg.max_new_tokens, stop, gen(i))
+                ran[name] = r
+                done += 1
+                events.progress(done, total, what="generations", mode=name)
+            for name, _ in modes:
+                outputs[name].append(ran[name])
+            writer.write({"prompt": i, "id": items[i]["id"], "prompt_sha": _prompt_digest(ids),
+                          "results": {name: asdict(r) for name, r in ran.items()}})
+            summarize(final=False)
+            _write_json(out_path, payload(False))
+    finally:
+        writer.close()
     summarize(final=True)
     for name, _ in modes:
         s = summaries[name]

@@ -281,7 +281,7 @@ def stage_evaluate(recipe: Recipe, out: Path, events: Events, resumed: bool) -> 
     ev = recipe.evaluate
     fields = {**ev.fields, "target": recipe.target, "draft": str(out / "draft"), "prompts": ev.prompts,
               "configs": ev.configs, "max_new_tokens": ev.max_new_tokens, "output": str(out / "eval" / "results.json"),
-              "chat_template": recipe.chat_template}
+              "chat_template": recipe.chat_template, "resume": resumed}
     if ev.max_prompts is not None:
         fields["max_prompts"] = ev.max_prompts
     res = evaluate(build_config(EvaluateConfig, fields, source="recipe evaluate"), events)

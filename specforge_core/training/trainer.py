@@ -370,6 +370,7 @@ def resume(run: Run) -> TrainState:
                        since_best=st.get("since_best", 0))
     run.tracker.truncate_after(state.step)
     run.events.emit("resumed", checkpoint=str(last), step=state.step, epoch=state.epoch, micro=state.micro)
+    run.events.progress_from("steps", state.step)
     return state
 
 
