@@ -45,6 +45,7 @@ def table(out: Path) -> dict:
                                                  "time_breakdown")} for x in r.get("results", [])]
         res["baseline_time_breakdown"] = (r.get("baseline") or {}).get("time_breakdown")
         res["prompts"], res["finished"] = r.get("prompts"), r.get("finished")
+        res["linear_kernel"] = r.get("linear_kernel", "native")   # results from before the option: native
         res["prompts_done"] = (r.get("baseline") or {}).get("prompts", r.get("prompts_done"))   # prompts every mode ran
         # A stopped evaluation leaves results over the prompts it finished (every mode on the same ones)
         # but no calibration file: the table is computed from them the same way.
@@ -60,10 +61,17 @@ def _draft_readme(out: Path, res: dict) -> str:
     partial = "" if res.get("finished") else (
         f"\n\nThe evaluation was stopped after {res.get('prompts_done')} of its {res.get('prompts')} prompts (every mode ran on "
         "the same prompts, interleaved): the figures below are over those.")
+    rc = out / "run.json"
+    sets = (json.loads(rc.read_text(encoding="utf-8"))["config"].get("set") or []) if rc.exists() else []
+    command = "specforge-wb recipe run smollm2-cpu" + (" --set " + " ".join(sets) if sets else "")
+    kernel = "" if res.get("linear_kernel") != "onednn-bf16" else (
+        "\n\nEvery mode ran the target's and the draft's linear layers as prepacked oneDNN bf16 matmuls "
+        "(`evaluate --linear-kernel auto` on this CPU), plain greedy included; the outputs were compared with "
+        "plain greedy under the same kernels.")
     return f"""# smollm2-135m-eagle3: the draft shipped for the embedded default target
 
 An EAGLE3 draft (one decoder layer, draft vocabulary {run['draft_vocab_size']}) for SmolLM2-135M-Instruct,
-made by `specforge-wb recipe run smollm2-cpu` on a 2-core CPU and loaded by `--draft default`
+made by `{command}` on a 2-core CPU and loaded by `--draft default`
 (`evaluate`, `bench`, `serve-reference`, `check-draft`, the Benchmark tab, notebook 03). fp16 safetensors
 in the SGLang / vLLM EAGLE3 format.
 
@@ -75,7 +83,7 @@ removed from the training prompts.
 Files: `config.json` + `model.safetensors` (the draft), `run.json` + `metrics.jsonl` (its training run),
 `recipe_state.json` (the recipe's stages and their times), `results.json` (in-process evaluation on the 80
 MT-bench first turns, greedy, up to 256 new tokens), `calibration.json` (held-out simulated acceptance length
-beside the in-process one).{partial}
+beside the in-process one).{partial}{kernel}
 
 | config | acceptance length | speedup over plain greedy (this 2-core CPU) | outputs differing from greedy |
 |---|---|---|---|
