@@ -5,8 +5,6 @@ says so in its results, and stays token-identical to plain greedy decoding."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +13,7 @@ from conftest import tiny_llama_config
 from specforge_core.evaluate.spec_decode import DraftTree, TargetRunner, verify_inputs
 from specforge_core.models.cpu_kernels import (PackedBF16Linear, onednn_bf16_available, pack_linears,
                                                use_rowwise_attention)
+from test_spec_decode import tiny_dirs  # noqa: F401 - the fixture: a tiny target, a draft run, prompts
 
 pytestmark = [pytest.mark.unit,
               pytest.mark.skipif(not onednn_bf16_available(), reason="this CPU has no native oneDNN bf16")]
@@ -115,32 +114,6 @@ def test_a_tree_verify_equals_decoding_each_nodes_path(packed_target):
     assert torch.equal(wide[0], _decode(runner, prompt, [pending])[0])
 
 
-@pytest.fixture(scope="module")
-def tiny_eval_dirs(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    from specforge_core.models.eagle3 import build_draft_config
-    from specforge_core.models.registry import build_draft
-    from specforge_core.targets import load_tokenizer
-    from specforge_core.training.checkpoint import save_checkpoint
-
-    root = tmp_path_factory.mktemp("kernels")
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(vocab_size=49152, hidden_size=32, num_hidden_layers=8)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 2
-    target = LlamaForCausalLM(cfg)
-    target.save_pretrained(root / "target")
-    load_tokenizer("default").save_pretrained(root / "target")
-    dcfg = build_draft_config(cfg, 49152, [1, 3, 4])
-    draft = build_draft(dcfg)
-    draft.load_embedding(target.model.embed_tokens.weight)
-    save_checkpoint(root / "run", 1, draft.state_dict(), None, None, {"step": 1}, dcfg.to_dict(), 1, True)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
-                               ("What is the capital of France?", "Tell me a story.", "Two plus two?")))
-    return root
-
-
 def _evaluate(root, out, kernel):
     from specforge_core.evaluate.config import EvaluateConfig
     from specforge_core.evaluate.inprocess import evaluate
@@ -152,22 +125,22 @@ def _evaluate(root, out, kernel):
     return evaluate(cfg, null_events())
 
 
-def test_evaluate_uses_the_kernels_for_every_mode_and_stays_token_identical(tiny_eval_dirs, tmp_path):
-    res = _evaluate(tiny_eval_dirs, tmp_path / "auto.json", "auto")
+def test_evaluate_uses_the_kernels_for_every_mode_and_stays_token_identical(tiny_dirs, tmp_path):  # noqa: F811
+    res = _evaluate(tiny_dirs, tmp_path / "auto.json", "auto")
     assert res["linear_kernel"] == "onednn-bf16"           # fp32 on a CPU with bf16 matmuls
     for r in res["results"]:
         assert r["mismatches_vs_baseline"] == 0, r["config"]
         assert r["acceptance_length"] >= 1.0
-    native = _evaluate(tiny_eval_dirs, tmp_path / "native.json", "native")
+    native = _evaluate(tiny_dirs, tmp_path / "native.json", "native")
     assert native["linear_kernel"] == "native"
     assert all(r["mismatches_vs_baseline"] == 0 for r in native["results"])
 
 
-def test_evaluate_refuses_onednn_where_it_cannot_run(tiny_eval_dirs, tmp_path, monkeypatch):
+def test_evaluate_refuses_onednn_where_it_cannot_run(tiny_dirs, tmp_path, monkeypatch):  # noqa: F811
     import specforge_core.models.cpu_kernels as ck
 
     monkeypatch.setattr(ck, "onednn_bf16_available", lambda: False)
     with pytest.raises(ValueError, match="no native oneDNN bf16"):
-        _evaluate(tiny_eval_dirs, tmp_path / "x.json", "onednn-bf16")
-    res = _evaluate(tiny_eval_dirs, tmp_path / "auto.json", "auto")     # auto falls back, says so
+        _evaluate(tiny_dirs, tmp_path / "x.json", "onednn-bf16")
+    res = _evaluate(tiny_dirs, tmp_path / "auto.json", "auto")     # auto falls back, says so
     assert res["linear_kernel"] == "native"

@@ -36,10 +36,10 @@ import torch
 
 from ..config import ConfigError
 from ..events import Events, JobCancelled
+from ..regen.store import AppendWriter
 from .benchsets import prompt_source
 from .config import EvaluateConfig
 from .medusa_decode import MedusaDecoder
-from ..regen.store import AppendWriter
 from .spec_decode import GenerationResult, SpecConfig, SpecDecoder, acceptance_summary, greedy_generate
 
 # The in-process decoder of each draft family (models.registry names the families).
