@@ -7,7 +7,9 @@ timings drift by 2x within minutes; compare the ratios.
 
   forward  - tokens/s of one full-sequence forward over batch 8 x 256 random tokens (median of the runs);
   old      - HF `generate` in left-padded batches (decoder="hf", the previous implementation);
-  new      - the continuous-batching decoder (decoder="fast").
+  new      - the continuous-batching decoder (decoder="fast"), once per `--kernels` entry: native (fp32
+             F.linear) and onednn-bf16 (prepacked oneDNN bf16 matmuls, the kernels `evaluate` uses); each
+             kernel's run reports how many of its replies equal the native run's.
 
 Prompts are GSM8K train questions (user turn, the model's chat template, greedy). For each decoder it
 reports generated tokens/s and processed tokens/s (prompt + generated: what the model actually ran),
@@ -16,7 +18,7 @@ prompts both ran. `--profile` adds a torch-profiler breakdown of the new decoder
 and within decode: projections/MLP, attention over the cache, lm_head, the rest).
 
     .venv/bin/python bench/regen_local.py [--old-prompts 16] [--new-prompts 128] [--max-tokens 256]
-        [--old-batch 8] [--new-batch 64] [--threads N] [--profile]
+        [--old-batch 8] [--new-batch 64] [--threads N] [--kernels native onednn-bf16] [--profile]
 
 Writes bench/results/regen_local.json.
 """
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-old", action="store_true")
+    ap.add_argument("--kernels", nargs="+", default=["native"], choices=["native", "onednn-bf16"],
+                    help="linear kernels of the new decoder, each run in turn on the same prompts")
     ap.add_argument("--profile", action="store_true", help="add a profiler breakdown of the new decoder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "regen_local.json"))
     args = ap.parse_args(argv)
@@ -125,9 +129,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from specforge_core.regen.local import LocalGenerator
+    from specforge_core.regen.local import LocalGenerator, _FastDecoder
 
-    new = LocalGenerator(args.model, device="cpu", batch_size=args.new_batch, decoder="fast")
+    new = LocalGenerator(args.model, device="cpu", batch_size=args.new_batch, decoder="fast",
+                         linear_kernel=args.kernels[0])
     old = LocalGenerator.__new__(LocalGenerator)  # same weights, HF generate path
     old.__dict__.update(new.__dict__)
     old.batch_size, old.decoder, old._fast = args.old_batch, "hf", None
@@ -142,12 +147,19 @@ def main(argv=None) -> int:
         res["old"] = run_decoder(old, prompts[:args.old_prompts], args.max_tokens)
         res["old"]["batch"] = args.old_batch
         fw.append(forward_rate(new.model))
-    res["new"] = run_decoder(new, prompts[:args.new_prompts], args.max_tokens)
-    res["new"]["batch"] = args.new_batch
-    fw.append(forward_rate(new.model))
+    runs = []
+    for kernel in args.kernels:
+        if kernel != new.linear_kernel:   # same model, the decoder rebuilt over it with the other kernel
+            new._fast = _FastDecoder(new.model, linear_kernel=kernel)
+            new.linear_kernel = kernel
+        key = "new" if kernel == args.kernels[0] else f"new_{kernel}"
+        res[key] = run_decoder(new, prompts[:args.new_prompts], args.max_tokens)
+        res[key].update(batch=args.new_batch, linear_kernel=kernel)
+        runs.append(key)
+        fw.append(forward_rate(new.model))
     res["forward_tok_s_runs"] = [round(x, 1) for x in fw]
     res["forward_tok_s"] = statistics.median(fw)
-    for k in ("old", "new"):
+    for k in ["old"] + runs:
         if k in res:
             r = res[k]
             r["gen_vs_forward"] = round(r["gen_tok_s"] / res["forward_tok_s"], 3)
@@ -158,7 +170,12 @@ def main(argv=None) -> int:
         b = res["new"]["_replies"][:len(a)]
         res["same_tokens_as_old"] = sum(x.content == y.content for x, y in zip(a, b))
         res["compared"] = len(a)
-    res["new"].pop("_replies")
+    for k in runs[1:]:
+        ref = res["new"]["_replies"]
+        res[k]["same_replies_as_first_kernel"] = sum(x.content == y.content for x, y in zip(ref, res[k]["_replies"]))
+        res[k]["speed_vs_first_kernel"] = round(res[k]["gen_tok_s"] / res["new"]["gen_tok_s"], 2)
+    for k in runs:
+        res[k].pop("_replies")
     if args.profile:
         res["profile_new"] = profile_fast(new, prompts[:min(args.new_prompts, 2 * args.new_batch)], args.max_tokens)
     res["load_avg_end"] = os.getloadavg()

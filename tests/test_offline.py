@@ -269,6 +269,31 @@ def test_fp8_format_is_smaller_and_close(tmp_path, tiny_target, data_files):
         assert torch.equal(a.get("train", i)["last"], b.get("train", i)["last"])  # last stays bf16
 
 
+@pytest.mark.unit
+def test_onednn_bf16_dump_is_close_to_the_fp32_one_and_says_so(tmp_path, tiny_target, data_files):
+    from specforge_core.models.cpu_kernels import onednn_bf16_available
+    from specforge_core.offline.config import DumpConfig
+    from specforge_core.offline.dump import dump_hidden_states
+    from specforge_core.offline.store import HiddenStateStore
+
+    if not onednn_bf16_available():
+        pytest.skip("this CPU has no native oneDNN bf16")
+    train_f, _ = data_files
+    cache = tmp_path / "cache"
+    ev = null_events()
+    for name, kernel in (("fp32", "native"), ("packed", "onednn-bf16")):
+        dump_hidden_states(DumpConfig(**dump_args(tiny_target, train_f, None, tmp_path / name, cache, format="float32",
+                                                  teacher="hidden", linear_kernel=kernel)), ev)
+        assert json.loads((tmp_path / name / "run.json").read_text())["linear_kernel"] == kernel
+    assert [r["linear_kernel"] for r in ev.records if r["event"] == "dump_start"] == ["native", "onednn-bf16"]
+    a, b = HiddenStateStore(tmp_path / "fp32"), HiddenStateStore(tmp_path / "packed")
+    for i in a.indices("train"):
+        for key in ("aux", "last"):
+            x, y = a.get("train", i)[key], b.get("train", i)[key]
+            rel = float((x - y).norm() / x.norm())
+            assert 0 < rel < 0.02, (i, key, rel)   # bf16 inputs and weights (8-bit mantissa), fp32 accumulation
+
+
 # ------------------------------------------------------------------------------------------------
 # Crash safety
 # ------------------------------------------------------------------------------------------------

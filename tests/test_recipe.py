@@ -3,6 +3,7 @@ continues where it stopped, and refuses a finished stage whose settings changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -86,21 +87,48 @@ def test_tiny_recipe_runs_every_stage_then_resumes_and_guards(tmp_path, tiny_tar
 
 
 @pytest.mark.unit
-def test_self_instruct_continues_after_the_last_whole_batch(tmp_path, tiny_target):  # noqa: F811
+@pytest.mark.parametrize("topics", [None, {"poems": {"starts": ["Write a poem about", "Compose a sonnet"]},
+                                           "code": {"system": "The user asks for code.", "starts": ["Fix this"],
+                                                    "weight": 2}}])
+def test_self_instruct_continues_after_the_last_whole_batch(tmp_path, tiny_target, topics):  # noqa: F811
     from specforge_core.regen.local import LocalGenerator
     from specforge_core.regen.selfinstruct import self_instruct, user_header_ids
 
     gen = LocalGenerator(str(tiny_target), device="cpu", batch_size=4)
     head = gen.tokenizer.decode(user_header_ids(gen.tokenizer))
     assert head.rstrip().endswith("user")                      # ChatML: ...<|im_start|>user\n
+    kw = dict(max_tokens=8, min_chars=1, batch_size=4, seed=5, topics=topics)
+    if topics:
+        # A random target never samples its end token: end every reply after its 2 sampled tokens, so
+        # requests (the start and what the target wrote after it) are kept.
+        real = gen.generate_ids
+
+        def ended(*a, **k):
+            return [dataclasses.replace(r, finish_reason="stop") for r in real(*a, **dict(k, max_tokens=2))]
+        gen.generate_ids = ended
     once = tmp_path / "once.jsonl"
-    self_instruct(gen, once, 12, null_events(), max_tokens=8, min_chars=1, batch_size=4, seed=5)
+    res = self_instruct(gen, once, 12, null_events(), **kw)
     twice = tmp_path / "twice.jsonl"
-    self_instruct(gen, twice, 4, null_events(), max_tokens=8, min_chars=1, batch_size=4, seed=5)
+    self_instruct(gen, twice, 4, null_events(), **kw)
     with open(twice, "a") as f:
         f.write('{"id": "torn", "bat')                         # a write cut by a kill
-    self_instruct(gen, twice, 12, null_events(), max_tokens=8, min_chars=1, batch_size=4, seed=5)
+    self_instruct(gen, twice, 12, null_events(), **kw)
     assert twice.read_text() == once.read_text()
+    rows = [json.loads(x) for x in once.read_text().splitlines()]
+    if topics is None:
+        assert all("topic" not in r for r in rows) and "new_prompts_per_topic" not in res
+        return
+    # Batches cycle through the topics by weight; each request begins with its row's start.
+    assert {(r["batch"], r["topic"]) for r in rows} == {(0, "poems"), (1, "code"), (2, "code")}
+    assert sum(res["new_prompts_per_topic"].values()) == res["new_prompts"] > 6
+    for r in rows:
+        if not r["conversations"]:
+            continue
+        i = int(r["id"].rsplit("-", 1)[1])
+        starts = topics[r["topic"]]["starts"]
+        assert r["conversations"][0]["content"].startswith(starts[i % len(starts)])
+    h = gen.tokenizer.decode(user_header_ids(gen.tokenizer, "The user asks for code."))
+    assert h.index("The user asks for code.") < h.rindex("user") and h.rstrip().endswith("user")
 
 
 @pytest.mark.unit

@@ -197,18 +197,12 @@ def _device_dtype(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype]:
 
 def _linear_kernel(cfg: EvaluateConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The linear kernel this run uses (see EvaluateConfig.linear_kernel)."""
-    from ..models.cpu_kernels import onednn_bf16_available
+    from ..models.cpu_kernels import resolve_linear_kernel
 
-    if cfg.linear_kernel == "onednn-bf16":
-        if device.type != "cpu":
-            raise ValueError(f"--linear-kernel onednn-bf16 is for CPU runs; this one runs on {device}")
-        if not onednn_bf16_available():
-            raise ValueError("--linear-kernel onednn-bf16: this CPU / PyTorch build has no native oneDNN bf16 "
-                             "matmul (needs AVX512-BF16 or AMX); use --linear-kernel native")
-        return "onednn-bf16"
-    if cfg.linear_kernel == "auto" and device.type == "cpu" and dtype == torch.float32 and onednn_bf16_available():
-        return "onednn-bf16"
-    return "native"
+    try:
+        return resolve_linear_kernel(cfg.linear_kernel, device, dtype)
+    except ValueError as e:
+        raise ValueError(f"--linear-kernel: {e}") from None
 
 
 def _write_json(path: Path, payload: dict) -> None:

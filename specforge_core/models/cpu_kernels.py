@@ -32,17 +32,18 @@ def onednn_bf16_available() -> bool:
 
 
 class PackedBF16Linear(nn.Module):
-    """`nn.Linear` for CPU inference with a prepacked oneDNN bf16 weight. Keeps the original `weight`
+    """`nn.Linear` for CPU inference with a prepacked oneDNN bf16 weight. Built from an `nn.Linear` or
+    from a weight [out, in] (and bias [out]) tensor, such as fused q|k|v rows. Keeps the original `weight`
     (and `bias`) as attributes so code that reads `.weight.dtype` / `.weight.shape` still works."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | Tensor, bias: Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        w = linear.weight.detach().to(torch.bfloat16).contiguous()
+        weight, bias = (linear.weight, linear.bias) if isinstance(linear, nn.Linear) else (linear, bias)
+        self.out_features, self.in_features = weight.shape
+        self.weight, self.bias = weight, bias
+        w = weight.detach().to(torch.bfloat16).contiguous()
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)   # [out, in], oneDNN layout
-        self._bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self._bias = None if bias is None else bias.detach().to(torch.bfloat16)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -52,6 +53,28 @@ class PackedBF16Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN bf16 prepacked"
+
+
+LINEAR_KERNELS = ("auto", "native", "onednn-bf16")
+
+
+def resolve_linear_kernel(choice: str, device, dtype) -> str:
+    """The kernel a run uses for `choice` (auto | native | onednn-bf16): auto is onednn-bf16 for an fp32
+    run on a CPU with native bf16 matmuls, else native. An explicit onednn-bf16 that cannot run is an
+    error naming why, never a silent fallback."""
+    if choice not in LINEAR_KERNELS:
+        raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)}, not {choice!r}")
+    device = torch.device(device)
+    if choice == "onednn-bf16":
+        if device.type != "cpu":
+            raise ValueError(f"linear kernel onednn-bf16 is for CPU runs; this one runs on {device}")
+        if not onednn_bf16_available():
+            raise ValueError("linear kernel onednn-bf16: this CPU / PyTorch build has no native oneDNN bf16 "
+                             "matmul (needs AVX512-BF16 or AMX); use native")
+        return "onednn-bf16"
+    if choice == "auto" and device.type == "cpu" and dtype == torch.float32 and onednn_bf16_available():
+        return "onednn-bf16"
+    return "native"
 
 
 @torch.no_grad()

@@ -293,6 +293,11 @@ def _dump(cfg: DumpConfig, events: Events, ranks: _Ranks | None = None) -> dict:
     use_bf16 = cfg.target_dtype == "bfloat16" or (cfg.target_dtype == "auto" and device.type == "cuda")
     target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device,
                          layer_ids=layer_ids if reads_aux else None, aux=reads_aux)
+    from ..models.cpu_kernels import pack_linears, resolve_linear_kernel
+
+    kernel = resolve_linear_kernel(cfg.linear_kernel, device, torch.bfloat16 if use_bf16 else torch.float32)
+    if kernel == "onednn-bf16":
+        pack_linears(target.model)
     if not (out / "run.json").exists() and ranks.main:
         write_run_json(out, STORE_KIND, cfg, store_format=STORE_FORMAT, format=cfg.format, target=identity,
                        teacher=cfg.teacher, topk=cfg.topk if cfg.teacher == "topk" else None,
@@ -300,12 +305,13 @@ def _dump(cfg: DumpConfig, events: Events, ranks: _Ranks | None = None) -> dict:
                        states=states, draft_type=cfg.draft_type,
                        vocab_size=target.vocab_size, num_layers=target.num_layers,
                        pad_token_id=target.pad_token_id, target_dtype="bfloat16" if use_bf16 else "float32",
+                       linear_kernel=kernel,
                        split_sizes={s: len(ds) for s, ds in splits})
     ranks.barrier()  # run.json is on disk before any rank writes a shard
     if writer is None:
         writer = StoreWriter(out, cfg.format, n_states, int(cfg.shard_mb * (1 << 20)), events=events,
                              rank_tag=tag, **tk)
-    events.emit("dump_start", output=str(out), device=str(device), already_done=sum(writer.done_count(s)
+    events.emit("dump_start", output=str(out), device=str(device), linear_kernel=kernel, already_done=sum(writer.done_count(s)
                 for s, _ in splits), remaining_samples=est["remaining_samples"])
 
     from ..data.batches import collate

@@ -53,6 +53,15 @@ class PromptSource(_Strict):
     max_turns: Optional[int] = Field(None, ge=1)  # keep the first N user turns of a conversation
 
 
+class Topic(_Strict):
+    """One kind of request the target is steered to write (see `regen.selfinstruct`); with neither starts nor
+    a system message, its batches are plain self-instruct (a share of unsteered requests in the mix)."""
+
+    starts: list[str] = Field(default_factory=list)   # first words of the user's turn; row i uses start i mod n
+    system: Optional[str] = None                      # a system message before the user header
+    weight: int = Field(1, ge=1)                      # batches of this topic per cycle
+
+
 class SelfInstruct(_Strict):
     """Magpie-style prompts the target writes itself: sampled from its chat template's user header."""
 
@@ -63,6 +72,7 @@ class SelfInstruct(_Strict):
     min_chars: int = Field(12, ge=1)
     batch_size: int = Field(32, ge=1)
     seed: int = 0
+    topics: dict[str, Topic] = Field(default_factory=dict)   # kinds of request; batches cycle through them
 
 
 class PromptsStage(_Strict):

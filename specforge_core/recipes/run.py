@@ -173,7 +173,8 @@ def stage_prompts(recipe: Recipe, out: Path, events: Events, resumed: bool) -> d
         gen = LocalGenerator(recipe.target, batch_size=si.batch_size, seed=si.seed)
         res = self_instruct(gen, out / "self_instruct.jsonl", si.count, events, temperature=si.temperature,
                             top_p=si.top_p, max_tokens=si.max_tokens, min_chars=si.min_chars,
-                            batch_size=si.batch_size, seed=si.seed)
+                            batch_size=si.batch_size, seed=si.seed,
+                            topics={k: t.model_dump() for k, t in si.topics.items()})
         mine = [json.loads(x) for x in (out / "self_instruct.jsonl").read_text(encoding="utf-8").splitlines()]
         rows += [{"id": r["id"], "conversations": r["conversations"]} for r in mine if r["conversations"]]
         per_source["self_instruct"] = {"rows": sum(1 for r in mine if r["conversations"]), **res}

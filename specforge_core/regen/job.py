@@ -364,7 +364,9 @@ async def _one_sample(u: Unit, cfg: RegenConfig, pool: ServerPool, params: Sampl
 def _run_local(cfg: RegenConfig, events: Events, units: Iterator[Unit], sink: _Sink) -> str:
     from .local import LocalGenerator
 
-    gen = LocalGenerator(cfg.local_model, cfg.local_device, cfg.local_batch_size, cfg.seed)
+    gen = LocalGenerator(cfg.local_model, cfg.local_device, cfg.local_batch_size, cfg.seed,
+                         linear_kernel=cfg.local_linear_kernel)
+    events.emit("local_generator", model=cfg.local_model, decoder=gen.decoder, linear_kernel=gen.linear_kernel)
     name = cfg.local_model
     # A window of samples advances turn by turn in lockstep, so each generate call sees many prompts
     # of similar length (the generator sorts them) and multi-turn rows still get their own answers back.

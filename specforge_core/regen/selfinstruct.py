@@ -5,9 +5,20 @@ all maths) leaves whole kinds of request unseen. Rendering the template up to wh
 would start and letting the target continue gives user requests in the target's own idiom, as many
 as wanted, with no dataset download (Xu et al., "Magpie", 2024).
 
-Written in batches to an append-only JSONL (`{"id", "conversations": [{"role": "user", ...}]}`); a
-killed run continues after the last whole batch (each batch has its own seed, so a continued run
-writes what an uninterrupted one would have).
+Left alone, a small target writes one kind of request over and over (advice and recipes: "Can you
+help me plan ..."), while a chat benchmark also asks for stories, roleplay, extraction from a pasted
+text, code and puzzles. `topics` steer it. A topic has `starts`, the first words of the user's turn
+("Pretend you are", "Summarize the following", "Write a Python function"): the target continues the
+request from there, and the start is part of the saved request. A 135M target barely follows a
+Magpie-style system message ("The user asks for a poem"), but it follows a start: measured on SmolLM2,
+a start gave a request of its kind almost every time. A topic may also have a `system` message, rendered
+before the user header, for targets that do follow one. Batches cycle through the topics (a topic with
+weight w takes w batches per cycle); row i of a batch uses start i mod len(starts). Only the user's words
+are kept: the answers stage answers them under the template's ordinary system prompt.
+
+Written in batches to an append-only JSONL (`{"id", "topic", "conversations": [{"role": "user", ...}]}`);
+a killed run continues after the last whole batch (each batch has its own seed and topic, so a continued
+run writes what an uninterrupted one would have).
 """
 
 from __future__ import annotations
@@ -21,10 +32,11 @@ from ..events import Events, JobCancelled
 _SENTINEL = "\u2063SELFINSTRUCT\u2063"
 
 
-def user_header_ids(tokenizer) -> list[int]:
-    """Token ids of the chat template rendered up to the first user turn's content."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                         add_generation_prompt=False)
+def user_header_ids(tokenizer, system: str | None = None) -> list[int]:
+    """Token ids of the chat template rendered up to the first user turn's content (after `system`, when
+    given, as the system message)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": _SENTINEL}]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
     if _SENTINEL not in text:
         raise ValueError("the chat template does not place the user's words verbatim; cannot find its user header")
     return tokenizer(text.split(_SENTINEL)[0], add_special_tokens=False)["input_ids"]
@@ -45,14 +57,23 @@ def _clean(text: str, min_chars: int) -> str | None:
 
 def self_instruct(generator, out: str | Path, count: int, events: Events, temperature: float = 1.0,
                   top_p: float = 0.95, max_tokens: int = 96, min_chars: int = 12, batch_size: int = 32,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, topics: dict[str, dict] | None = None) -> dict:
     """Append user prompts written by `generator` (a `regen.local.LocalGenerator`) to `out` until it holds
-    `count` batches' worth (`ceil(count / batch_size)` batches; empty or too short ones are dropped)."""
+    `count` batches' worth (`ceil(count / batch_size)` batches; empty or too short ones are dropped).
+    `topics`: name -> {"starts": [str], "system": str | None, "weight": int} (see the module docstring)."""
     import torch
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = user_header_ids(generator.tokenizer)
+    tok = generator.tokenizer
+    cycle: list[str | None] = [None]
+    heads: dict[str | None, list[tuple[str, list[int]]]] = {None: [("", user_header_ids(tok))]}
+    if topics:
+        cycle = [name for name, t in topics.items() for _ in range(int(t.get("weight", 1)))]
+        for name, t in topics.items():
+            header = user_header_ids(tok, t.get("system"))
+            heads[name] = [(st, header + tok(st, add_special_tokens=False)["input_ids"]) for st in t.get("starts") or [""]]
+    per_topic: dict[str, int] = {}
     batches = -(-count // batch_size)
     done = 0
     if out.exists():
@@ -70,21 +91,31 @@ def self_instruct(generator, out: str | Path, count: int, events: Events, temper
         torch.manual_seed(seed * 1_000_003 + b)
         if getattr(generator, "rng", None) is not None:
             generator.rng.manual_seed(seed * 1_000_003 + b)
-        replies = generator.generate_ids([header] * batch_size, max_tokens=max_tokens, temperature=temperature,
-                                         top_p=top_p)
+        topic = cycle[b % len(cycle)]
+        rows = [heads[topic][i % len(heads[topic])] for i in range(batch_size)]   # (start, prompt ids)
+        replies = generator.generate_ids([ids for _, ids in rows], max_tokens=max_tokens,
+                                         temperature=temperature, top_p=top_p)
         lines = []
+        tag = {"topic": topic} if topic else {}
         for i, r in enumerate(replies):
-            text = _clean(r.content, min_chars) if r is not None and r.finish_reason == "stop" else None
+            text = None
+            if r is not None and r.finish_reason == "stop" and r.content.strip():
+                text = _clean(rows[i][0] + r.content, min_chars)
             if text:
-                lines.append(json.dumps({"id": f"self-{seed}-{b}-{i}", "batch": b,
+                lines.append(json.dumps({"id": f"self-{seed}-{b}-{i}", "batch": b, **tag,
                                          "conversations": [{"role": "user", "content": text}]}, ensure_ascii=False))
+        if topic:
+            per_topic[topic] = per_topic.get(topic, 0) + len(lines)
         # One write per batch, the batch number on every line: a whole batch or nothing counts as done.
         if not lines:
-            lines.append(json.dumps({"id": f"self-{seed}-{b}-none", "batch": b, "conversations": []}))
+            lines.append(json.dumps({"id": f"self-{seed}-{b}-none", "batch": b, **tag, "conversations": []}))
         with open(out, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
             f.flush()
             os.fsync(f.fileno())
         kept += sum(1 for x in lines if '"conversations": []' not in x)
         events.progress(b + 1, batches, what="self-instruct batches")
-    return {"output": str(out), "batches": batches, "new_prompts": kept}
+    res = {"output": str(out), "batches": batches, "new_prompts": kept}
+    if topics:
+        res["new_prompts_per_topic"] = per_topic
+    return res
