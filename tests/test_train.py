@@ -196,3 +196,42 @@ def test_a_resumed_jobs_rate_counts_from_where_it_resumed():
     rec = ev.progress(610, 1000, what="steps")
     assert rec["rate"] < 100           # 10 steps in ~0.2 s, not 610
     assert rec["eta_s"] > 4
+
+
+@pytest.mark.unit
+def test_grouped_batches_cut_padding_keep_every_sample_and_resume():
+    import datasets
+    import numpy as np
+
+    from specforge_core.training.batches import EpochBatches
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(20, 500, size=203)]
+    ds = datasets.Dataset.from_dict({"input_ids": [[7] * n for n in lengths], "loss_mask": [[1] * n for n in lengths],
+                                     "length": lengths})
+
+    def padded(b: EpochBatches, epoch: int) -> tuple[list[int], int]:
+        seen, pad = [], 0
+        for _, batch in b.iter_epoch(epoch):
+            seen += batch.indices
+            pad += batch.input_ids.numel()
+        return seen, pad
+
+    plain = EpochBatches(ds, 8, seed=3)
+    grouped = EpochBatches(ds, 8, seed=3, group_by_length=64)
+    for epoch in (0, 1):
+        a, pad_plain = padded(plain, epoch)
+        b, pad_grouped = padded(grouped, epoch)
+        assert sorted(a) == sorted(b) == list(range(len(ds)))        # every sample once per epoch
+        assert pad_grouped < 0.85 * pad_plain                         # far less padding
+        # within a group of 64, longest first
+        assert all(lengths[x] >= lengths[y] for x, y in zip(b[:63], b[1:64]))
+    assert padded(grouped, 0)[0] != padded(grouped, 1)[0]             # a new order each epoch
+    # Resuming at (epoch, micro-batch) yields exactly the rest of the epoch.
+    full = [batch.indices for _, batch in grouped.iter_epoch(1)]
+    assert [batch.indices for _, batch in grouped.iter_epoch(1, start=5)] == full[5:]
+    # Two ranks split the same global order: step b of the pair covers the same samples as at world size 1.
+    r0, r1 = (EpochBatches(ds, 4, seed=3, rank=r, world_size=2, group_by_length=64) for r in (0, 1))
+    one = [i for _, batch in EpochBatches(ds, 8, seed=3, group_by_length=64).iter_epoch(0) for i in batch.indices]
+    pair = [i for (_, x), (_, y) in zip(r0.iter_epoch(0), r1.iter_epoch(0)) for i in x.indices + y.indices]
+    assert sorted(pair[:48]) == sorted(one[:48])

@@ -51,6 +51,9 @@ class TrainConfig(DataFields):
     epochs: int = Field(1, ge=1, description="passes over the training data")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
     seed: int = Field(0, description="seed for data order and init")
+    group_by_length: int = Field(0, ge=0, description="0 = random micro-batches; N = sort each N consecutive "
+                                 "samples of the epoch's shuffled order by length, so a batch holds samples "
+                                 "of similar length (far less padding; the order stays seeded and resumable)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
 

@@ -550,7 +550,7 @@ def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> 
     params = engine.params
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     batches = EpochBatches(train_ds, cfg.batch_size, cfg.seed, info.rank, info.world_size,
-                           pad_id=target.pad_token_id)
+                           pad_id=target.pad_token_id, group_by_length=cfg.group_by_length)
     steps_per_epoch = max(1, math.ceil(batches.batches_per_epoch() / cfg.grad_accum))
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
