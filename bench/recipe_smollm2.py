@@ -71,7 +71,8 @@ def _draft_readme(out: Path, res: dict) -> str:
     return f"""# smollm2-135m-eagle3: the draft shipped for the embedded default target
 
 An EAGLE3 draft (one decoder layer, draft vocabulary {run['draft_vocab_size']}) for SmolLM2-135M-Instruct,
-made by `{command}` on a 2-core CPU and loaded by `--draft default`
+made by `{command}` on a 2-core CPU (the recipe as it ran, params resolved, is `recipe.json` here: the
+shipped YAML may have moved on since) and loaded by `--draft default`
 (`evaluate`, `bench`, `serve-reference`, `check-draft`, the Benchmark tab, notebook 03). fp16 safetensors
 in the SGLang / vLLM EAGLE3 format.
 
@@ -81,7 +82,7 @@ and requests SmolLM2 wrote itself from its chat template's user header. MT-bench
 removed from the training prompts.
 
 Files: `config.json` + `model.safetensors` (the draft), `run.json` + `metrics.jsonl` (its training run),
-`recipe_state.json` (the recipe's stages and their times), `results.json` (in-process evaluation on the 80
+`recipe.json` (the recipe that ran), `recipe_state.json` (its stages and their times), `results.json` (in-process evaluation on the 80
 MT-bench first turns, greedy, up to 256 new tokens), `calibration.json` (held-out simulated acceptance length
 beside the in-process one).{partial}{kernel}
 
@@ -107,7 +108,7 @@ def ship(out: Path) -> Path:
                       (out / "draft" / "model.safetensors", "model.safetensors"),
                       (out / "run" / "run.json", "run.json"), (out / "run" / "metrics.jsonl", "metrics.jsonl"),
                       (out / "eval" / "results.json", "results.json"),
-                      (out / "recipe_state.json", "recipe_state.json")]:
+                      (out / "recipe_state.json", "recipe_state.json"), (out / "run.json", "recipe.json")]:
         shutil.copyfile(src, tmp / name)
     (tmp / "calibration.json").write_text(json.dumps(res["calibration"], indent=2), encoding="utf-8")
     (tmp / "README.md").write_text(_draft_readme(out, res), encoding="utf-8")
