@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from specforge_core.evaluate.spec_decode import TargetRunner  # noqa: E402
-from specforge_core.models.cpu_kernels import onednn_bf16_available, pack_linears, use_rowwise_attention  # noqa: E402
+from specforge_core.cpu_kernels import onednn_bf16_available, pack_linears, use_rowwise_attention  # noqa: E402
 from specforge_core.models.target import load_target  # noqa: E402
 
 WIDTHS = (1, 4, 8)

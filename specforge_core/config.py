@@ -65,7 +65,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[JobConfig],
         if not field.is_required():
             default = field.get_default(call_default_factory=True)
             help_ += f" (default: {default})"
-        kwargs: dict[str, Any] = {"help": help_, "default": None}
+        # argparse %-formats help text: a literal % in a description ("within 1% of fp32") must be doubled.
+        kwargs: dict[str, Any] = {"help": help_.replace("%", "%%"), "default": None}
         origin = typing.get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # trainer, and the trainer needs no benchmark).
 FLOORS: list[set[str]] = [
     {"__init__", "fsutil"},                                      # files that appear whole: imports nothing
-    {"config", "events", "asyncutil", "targets", "locks"},       # plumbing every job uses
+    {"config", "events", "asyncutil", "targets", "locks", "cpu_kernels"},  # plumbing every job uses
     {"data"},                                                    # data is the ground floor of the work
     {"regen", "models"},
     {"offline"},

@@ -1,4 +1,4 @@
-"""The CPU decoding kernels (`models/cpu_kernels.py`): prepacked oneDNN bf16 linears give each row the
+"""The CPU decoding kernels (`cpu_kernels.py`): prepacked oneDNN bf16 linears give each row the
 same bits whatever the number of rows in the call, row-wise attention makes a verify forward (chain or
 tree) bit-identical to decoding its tokens one by one, and `evaluate` uses them for every mode alike,
 says so in its results, and stays token-identical to plain greedy decoding."""
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_llama_config
 from specforge_core.evaluate.spec_decode import DraftTree, TargetRunner, verify_inputs
-from specforge_core.models.cpu_kernels import (PackedBF16Linear, onednn_bf16_available, pack_linears,
+from specforge_core.cpu_kernels import (PackedBF16Linear, onednn_bf16_available, pack_linears,
                                                use_rowwise_attention)
 from test_spec_decode import tiny_dirs  # noqa: F401 - the fixture: a tiny target, a draft run, prompts
 
@@ -137,7 +137,7 @@ def test_evaluate_uses_the_kernels_for_every_mode_and_stays_token_identical(tiny
 
 
 def test_evaluate_refuses_onednn_where_it_cannot_run(tiny_dirs, tmp_path, monkeypatch):  # noqa: F811
-    import specforge_core.models.cpu_kernels as ck
+    import specforge_core.cpu_kernels as ck
 
     monkeypatch.setattr(ck, "onednn_bf16_available", lambda: False)
     with pytest.raises(ValueError, match="no native oneDNN bf16"):

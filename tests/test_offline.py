@@ -271,7 +271,7 @@ def test_fp8_format_is_smaller_and_close(tmp_path, tiny_target, data_files):
 
 @pytest.mark.unit
 def test_onednn_bf16_dump_is_close_to_the_fp32_one_and_says_so(tmp_path, tiny_target, data_files):
-    from specforge_core.models.cpu_kernels import onednn_bf16_available
+    from specforge_core.cpu_kernels import onednn_bf16_available
     from specforge_core.offline.config import DumpConfig
     from specforge_core.offline.dump import dump_hidden_states
     from specforge_core.offline.store import HiddenStateStore

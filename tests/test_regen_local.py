@@ -187,7 +187,7 @@ def test_smollm2_fast_decoder_under_onednn_bf16_kernels(default_model_dir):
     pick the same tokens."""
     import torch
 
-    from specforge_core.models.cpu_kernels import onednn_bf16_available
+    from specforge_core.cpu_kernels import onednn_bf16_available
     from specforge_core.regen.local import LocalGenerator, _FastDecoder
 
     if not onednn_bf16_available():

@@ -197,7 +197,7 @@ def _device_dtype(cfg: EvaluateConfig) -> tuple[torch.device, torch.dtype]:
 
 def _linear_kernel(cfg: EvaluateConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The linear kernel this run uses (see EvaluateConfig.linear_kernel)."""
-    from ..models.cpu_kernels import resolve_linear_kernel
+    from ..cpu_kernels import resolve_linear_kernel
 
     try:
         return resolve_linear_kernel(cfg.linear_kernel, device, dtype)
@@ -310,7 +310,7 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
                                                             cfg.aux_layer_ids, events)
     kernel = _linear_kernel(cfg, device, dtype)
     if kernel == "onednn-bf16":
-        from ..models.cpu_kernels import pack_linears, use_rowwise_attention
+        from ..cpu_kernels import pack_linears, use_rowwise_attention
 
         # Target and draft both: the baseline and every speculative mode run the same kernels. Row-wise
         # attention keeps a verify forward bit-identical to decode steps (bf16 would amplify the last

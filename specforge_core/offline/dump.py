@@ -293,7 +293,7 @@ def _dump(cfg: DumpConfig, events: Events, ranks: _Ranks | None = None) -> dict:
     use_bf16 = cfg.target_dtype == "bfloat16" or (cfg.target_dtype == "auto" and device.type == "cuda")
     target = load_target(cfg.target_model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device,
                          layer_ids=layer_ids if reads_aux else None, aux=reads_aux)
-    from ..models.cpu_kernels import pack_linears, resolve_linear_kernel
+    from ..cpu_kernels import pack_linears, resolve_linear_kernel
 
     kernel = resolve_linear_kernel(cfg.linear_kernel, device, torch.bfloat16 if use_bf16 else torch.float32)
     if kernel == "onednn-bf16":

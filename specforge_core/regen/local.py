@@ -21,7 +21,7 @@ efficiency at small batch (bigger batches help: per-step decode rate 0.37 of for
 torch at 1 thread (OMP_NUM_THREADS=1): 2 threads on an oversubscribed 2-core box is several times slower.
 
 Linear kernels: on a CPU with AMX / AVX512-BF16, `linear_kernel=auto` runs every projection and the
-lm_head as a prepacked oneDNN bf16 matmul (`models.cpu_kernels`, the kernels `evaluate` uses), norms,
+lm_head as a prepacked oneDNN bf16 matmul (`cpu_kernels`, the kernels `evaluate` uses), norms,
 attention and the KV cache in fp32. Same bench, 128 GSM8K prompts, batch 64, 2 threads, both kernels in
 one run (`--kernels native onednn-bf16`): 196 -> 328 generated tokens/s (1.67x; 0.55 of the fp32 forward
 rate). Greedy answers are then the target's under bf16 rounding: 25 of 128 replies were identical to the
@@ -75,7 +75,7 @@ class _FastDecoder:
 
     def __init__(self, model, kv_budget_mb: float = 3072, linear_kernel: str = "native"):
         """`linear_kernel`: native (F.linear on the model's weights) or onednn-bf16 (every projection and
-        the lm_head as a prepacked oneDNN bf16 matmul, `models.cpu_kernels`; CPU, fp32 models)."""
+        the lm_head as a prepacked oneDNN bf16 matmul, `cpu_kernels`; CPU, fp32 models)."""
         import torch
 
         cfg = model.config
@@ -94,7 +94,7 @@ class _FastDecoder:
         self.norm_w = base.norm.weight
         F = torch.nn.functional
         if linear_kernel == "onednn-bf16":
-            from ..models.cpu_kernels import PackedBF16Linear as lin
+            from ..cpu_kernels import PackedBF16Linear as lin
         elif linear_kernel == "native":
             def lin(w, b=None):
                 return lambda x: F.linear(x, w, b)
@@ -440,7 +440,7 @@ class LocalGenerator:
         if decoder not in ("auto", "fast", "hf"):
             raise ValueError(f"decoder must be auto, fast or hf, not {decoder!r}")
         self.decoder = "hf" if decoder == "hf" or why_not else "fast"
-        from ..models.cpu_kernels import pack_linears, resolve_linear_kernel
+        from ..cpu_kernels import pack_linears, resolve_linear_kernel
 
         self.linear_kernel = resolve_linear_kernel(linear_kernel, self.device, dtype)
         if self.decoder == "fast":
