@@ -103,9 +103,11 @@ def test_head_i_at_t_is_taught_by_the_target_at_t_plus_1_plus_i():
 
     out = medusa_forward(Oracle(d), hidden, logits, lm, am)
     assert out.acc == [1.0, 1.0] and out.counts == [T - 2, T - 3]
+    assert out.anchors == T - 2 and out.chain == [T - 2, T - 3]   # every anchor's chain holds while it can
     lm[0, 4] = 0                             # token 4 untrained: head 0 at t=2 and head 1 at t=1 not counted
     out = medusa_forward(Oracle(d), hidden, logits, lm, am)
     assert out.counts == [T - 3, T - 4]
+    assert out.anchors == T - 3 and out.chain == [T - 3, T - 5]   # the chain at t=1 breaks at head 1
 
 
 @pytest.mark.unit

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama_config
 from specforge_core.models.eagle3 import build_draft_config
 from specforge_core.models.registry import build_draft
-from specforge_core.training.metrics import simulated_acceptance_length
+from specforge_core.training.metrics import TTTMetrics, simulated_acceptance_length
 from specforge_core.training.ttt import ATTENTION_BACKENDS, causal_lse, ttt_forward
 from ttt_reference import ttt_reference
 
@@ -92,6 +92,8 @@ def test_matches_reference(K, backend, left_pad):
     assert sum(out.counts) > 0
     assert out.acc == pytest.approx(ref.acc, abs=1e-12)
     assert max(ref.acc) > 0  # the planted agreement makes accuracy a real check
+    assert (out.chain, out.anchors) == (ref.chain, ref.anchors)
+    assert ref.chain[0] > 0 and ref.anchors > ref.counts[0]  # some chains start; some targets lie outside the vocab
     assert out.ploss == pytest.approx(ref.ploss, abs=1e-6)
     assert float(out.loss.detach()) == pytest.approx(float(ref.loss.detach()), abs=1e-6)
     assert float(out.loss.detach()) == pytest.approx(sum(0.8 ** k * p for k, p in enumerate(out.ploss)), abs=1e-9)
@@ -181,6 +183,8 @@ def test_out_of_draft_targets_are_masked():
     out = ttt_forward(draft, ids, aux, logits2, lm, am, ttt_length=2)
     assert out.counts == [3, 4 - 1]   # step 1 reads the teacher at 3 for t=1
     assert out.acc[0] == 0.0         # the only hit (a1) was that position
+    # ...but the chain still anchors there: a serving draft cannot propose id 5, so it is a miss
+    assert out.anchors == 4 and out.chain == [0, 0]
 
 
 def test_loss_mask_and_padding_gate():
@@ -240,6 +244,21 @@ def test_short_sequence_and_no_grad():
     with torch.no_grad():
         out = ttt_forward(draft, ids, aux, logits, lm, am, ttt_length=2)
     assert not out.loss.requires_grad
+
+
+def test_chain_counts_consecutive_hits_per_anchor():
+    draft, batch = _hand_case()
+    out = ttt_forward(draft, *batch, ttt_length=3)
+    # anchors t = 1..4; the draft always says id 3 (a1, token 4): step 0 is right at t=2, step 1 at t=1
+    # (token 1+2+1), step 2 at t=0 - each at a different anchor, so no chain of two survives.
+    assert out.anchors == 4 and out.chain == [1, 0, 0]
+    m = TTTMetrics(3)
+    m.add(out)
+    row = m.row(0.8)
+    assert row["chain_0"] == 0.25 and row["chain_1"] == 0.0
+    assert row["sim_accept_len"] == pytest.approx(1.25)
+    # the independent product would credit step 1's hit at another anchor
+    assert row["sim_accept_len_indep"] == pytest.approx(1 + 0.25 + 0.25 * 0.25 + 0.25 * 0.25 * (1 / 3))
 
 
 def test_simulated_acceptance_length():

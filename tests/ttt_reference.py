@@ -36,6 +36,7 @@ def ttt_reference(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: T
     keys, values = [], []
     total = 0.0
     ploss, accs, counts = [], [], []
+    hits = set()                                                       # (b, t, k): step k right at anchor t
     for k in range(ttt_length):
         ids = torch.zeros_like(input_ids)
         for b in range(B):
@@ -81,11 +82,19 @@ def ttt_reference(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: T
                 teacher = torch.softmax(_up(tl[t2d_ids]), dim=-1)
                 loss_sum = loss_sum - (teacher * torch.log_softmax(_up(logits[b, t]), dim=-1)).sum()
                 cnt += 1
-                correct += int(int(t2d_ids[int(logits[b, t].argmax())]) == int(tl.argmax()))
+                hit = int(t2d_ids[int(logits[b, t].argmax())]) == int(tl.argmax())
+                correct += int(hit)
+                if hit:
+                    hits.add((b, t, k))
         lk = loss_sum / max(cnt, 1)
         total = total + decay ** k * lk
         ploss.append(float(lk.detach()))
         accs.append(correct / max(cnt, 1))
         counts.append(cnt)
         h = out
-    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts)
+    # A chain decoder anchored at t accepts drafts 0..k when each was right; an anchor is any t whose
+    # first prediction (token t+2) is real and trained, whether or not the draft vocab holds it.
+    anchors = [(b, t) for b in range(B) for t in range(T - 2)
+               if attention_mask[b, t] and attention_mask[b, t + 1] and attention_mask[b, t + 2] and loss_mask[b, t + 2]]
+    chain = [sum(all((b, t, j) in hits for j in range(k + 1)) for b, t in anchors) for k in range(ttt_length)]
+    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts, chain=chain, anchors=len(anchors))

@@ -8,7 +8,7 @@ logits at position t+1+i. A prediction is counted with the gates EAGLE3's TTT us
 softmax(target_logits[..., t2d]) (the target restricted to the draft vocabulary, as in the TTT); the
 loss of head i is the soft cross-entropy averaged over its counted positions, weighted decay**i and
 summed over heads. The output is a `TTTOutput` with one entry per head, so `TTTMetrics`, `metrics.jsonl`
-(`acc_i`, `ploss_i`, `sim_accept_len`), keep-best and early stopping treat heads as the TTT's steps.
+(`acc_i`, `ploss_i`, `chain_i`, `sim_accept_len`), keep-best and early stopping treat heads as the TTT's steps.
 """
 
 from __future__ import annotations
@@ -49,12 +49,16 @@ def medusa_forward(draft, last_hidden: Tensor, target_logits: Tensor, loss_mask:
         in_draft = t2d[target_arg]                                                          # [B,T]
 
     total = None
-    ploss, accs, counts = [], [], []
+    ploss, accs, counts, chain = [], [], [], []
+    n0 = max(T - 2, 0)
+    alive = am[:, :n0] & am[:, 1:1 + n0] & am[:, 2:2 + n0] & lm[:, 2:2 + n0]   # anchors: head 0's gates bar the vocab
+    anchors = int(alive.sum())
     for i in range(draft.num_heads):
         n = T - 2 - i                                  # positions t whose predicted token t+2+i exists
         if n <= 0:
             lk = sum(p.sum() for p in draft.blocks[i].parameters()) * 0.0   # keeps every head in the graph
             cnt, acc_i = 0, 0.0
+            alive = alive[:, :0]
         else:
             sl = slice(1 + i, 1 + i + n)               # teacher index t+1+i
             tk = slice(2 + i, 2 + i + n)               # predicted token t+2+i
@@ -68,9 +72,12 @@ def medusa_forward(draft, last_hidden: Tensor, target_logits: Tensor, loss_mask:
             lk = (ce * mask).sum() / max(cnt, 1)
             with torch.no_grad():
                 pred = draft.to_target_ids(logits.argmax(-1))
-                acc_i = float(((pred == target_arg[:, sl]) & mask).sum()) / max(cnt, 1)
+                hit = (pred == target_arg[:, sl]) & mask
+                acc_i = float(hit.sum()) / max(cnt, 1)
+                alive = alive[:, :n] & hit                 # heads 0..i all right at anchor t
         total = (decay ** i) * lk if total is None else total + (decay ** i) * lk
         ploss.append(float(lk.detach()))
         accs.append(acc_i)
         counts.append(cnt)
-    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts)
+        chain.append(int(alive.sum()))
+    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts, chain=chain, anchors=anchors)

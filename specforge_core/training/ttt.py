@@ -41,6 +41,11 @@ class TTTOutput:
     ploss: list[float] = field(default_factory=list)   # per step, masked soft CE over counted positions
     acc: list[float] = field(default_factory=list)     # per step, draft argmax (as target id) == target argmax
     counts: list[int] = field(default_factory=list)    # counted positions per step
+    # Acceptance as a chain decoder sees it: anchors are the positions step 0 would count if every target
+    # token were in the draft vocab; chain[k] is how many anchors had steps 0..k all right (a token the
+    # draft vocab lacks is a miss there, as in serving, where the draft cannot propose it).
+    chain: list[int] = field(default_factory=list)
+    anchors: int = 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +248,11 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
     diag_k: list[Tensor] = []
     diag_v: list[Tensor] = []
     total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
-    ploss, accs, counts = [], [], []
+    ploss, accs, counts, chain = [], [], [], []
+    # Step k at position t extends the chain anchored at t (h stays at t), so one bool per anchor suffices.
+    n0 = max(T - 2, 0)
+    alive = am[:, :n0] & am[:, 1:1 + n0] & am[:, 2:2 + n0] & lm[:, 2:2 + n0]                  # [B,T-2]
+    anchors = int(alive.sum())
     for k in range(ttt_length):
         emb = draft.embed(ids_next[:, k:k + T]).to(h.dtype)                                 # [B,T,H]
         cos, sin = draft.rope(h, pos + k)                                                   # query/key at t+k
@@ -272,12 +281,17 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
                 pred = logits.argmax(-1)
                 correct = pred + d2t[pred] == target_arg[:, sl][mask]
                 acc_k = float(correct.sum()) / max(cnt, 1)
+                hit = torch.zeros_like(mask)
+                hit[mask] = correct
+                alive = alive[:, :n] & hit
         else:
             cnt, acc_k = 0, 0.0
             lk = out.sum() * 0.0                          # keeps the graph alive for backward
+            alive = alive[:, :0]
         total = total + (decay ** k) * lk
         ploss.append(float(lk.detach()))
         accs.append(acc_k)
         counts.append(cnt)
+        chain.append(int(alive.sum()))
         h = out
-    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts)
+    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts, chain=chain, anchors=anchors)
