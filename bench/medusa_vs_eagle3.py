@@ -108,7 +108,11 @@ def make_data(work: Path, args, events: Events) -> tuple[Path, Path, dict]:
 
 
 def sim_accept(row: dict, chain: int) -> float | None:
-    """1 + sum_{j<chain} prod_{i<=j} acc_i from a metrics row (None when it has fewer steps)."""
+    """1 + sum_{j<chain} chain_j from a metrics row (older rows: 1 + sum_{j<chain} prod_{i<=j} acc_i;
+    None when it has fewer steps)."""
+    chains = [row.get(f"chain_{i}") for i in range(chain)]
+    if all(c is not None for c in chains):
+        return 1.0 + sum(float(c) for c in chains)
     accs = [row.get(f"acc_{i}") for i in range(chain)]
     if any(a is None for a in accs):
         return None

@@ -5,8 +5,8 @@ target_model "default", fp32 forward on CPU): dump the hidden states of the SAME
 train an EAGLE3 draft offline from that store with the SAME seed, steps and hyper-parameters, and
 evaluate it on the eval split (teacher = that store's own eval split, so a lossy option is judged by
 the draft it produces, evaluated as training sees it) and, for a fair comparison, also on the
-bf16/hidden eval store (the exact teacher): `sim_accept_len` (1 + sum_j prod_{i<=j} acc_i over the
-`ttt_length` steps) and `acc_0`. float32/hidden is run as well: it is lossless against bf16 up to
+bf16/hidden eval store (the exact teacher): `sim_accept_len` (1 + sum_j chain_j over the
+`ttt_length` steps, training/metrics.py) and `acc_0`. float32/hidden is run as well: it is lossless against bf16 up to
 rounding, so its difference from bf16 is the noise floor of this measurement (a different rounding
 changes the training trajectory a little).
 

@@ -117,7 +117,7 @@ def acc_figure(rows: Sequence[dict], split: str = "train", family: str = "eagle3
 
 
 def accept_len_figure(rows: Sequence[dict]) -> go.Figure:
-    """Simulated acceptance length 1 + sum_j prod_{i<=j} acc_i, train and eval."""
+    """Simulated acceptance length (1 + sum_j chain_j, training/metrics.py), train and eval."""
     train, ev = split_rows(rows, "train"), split_rows(rows, "eval")
     fig = go.Figure()
     if not _train_eval_traces(fig, train, ev, "sim_accept_len"):
