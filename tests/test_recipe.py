@@ -90,14 +90,15 @@ def test_tiny_recipe_runs_every_stage_then_resumes_and_guards(tmp_path, tiny_tar
 @pytest.mark.parametrize("topics", [None, {"poems": {"starts": ["Write a poem about", "Compose a sonnet"]},
                                            "code": {"system": "The user asks for code.", "starts": ["Fix this"],
                                                     "weight": 2}}])
-def test_self_instruct_continues_after_the_last_whole_batch(tmp_path, tiny_target, topics):  # noqa: F811
+def test_self_instruct_continues_after_the_last_whole_call(tmp_path, tiny_target, topics):  # noqa: F811
     from specforge_core.regen.local import LocalGenerator
     from specforge_core.regen.selfinstruct import self_instruct, user_header_ids
 
     gen = LocalGenerator(str(tiny_target), device="cpu", batch_size=4)
     head = gen.tokenizer.decode(user_header_ids(gen.tokenizer))
     assert head.rstrip().endswith("user")                      # ChatML: ...<|im_start|>user\n
-    kw = dict(max_tokens=8, min_chars=1, batch_size=4, seed=5, topics=topics)
+    # Two batches per decoder call: 3 batches are calls [0, 1] and [2].
+    kw = dict(max_tokens=8, min_chars=1, batch_size=4, seed=5, topics=topics, batches_per_call=2)
     if topics:
         # A random target never samples its end token: end every reply after its 2 sampled tokens, so
         # requests (the start and what the target wrote after it) are kept.
@@ -106,10 +107,18 @@ def test_self_instruct_continues_after_the_last_whole_batch(tmp_path, tiny_targe
         def ended(*a, **k):
             return [dataclasses.replace(r, finish_reason="stop") for r in real(*a, **dict(k, max_tokens=2))]
         gen.generate_ids = ended
+    calls = []
+    inner = gen.generate_ids
+
+    def counted(prompts, *a, **k):
+        calls.append(len(prompts))
+        return inner(prompts, *a, **k)
+    gen.generate_ids = counted
     once = tmp_path / "once.jsonl"
     res = self_instruct(gen, once, 12, null_events(), **kw)
+    assert calls == [8, 4]                                      # the decoder sees whole calls, not batches
     twice = tmp_path / "twice.jsonl"
-    self_instruct(gen, twice, 4, null_events(), **kw)
+    self_instruct(gen, twice, 8, null_events(), **kw)        # stopped after the first call
     with open(twice, "a") as f:
         f.write('{"id": "torn", "bat')                         # a write cut by a kill
     self_instruct(gen, twice, 12, null_events(), **kw)

@@ -16,9 +16,13 @@ before the user header, for targets that do follow one. Batches cycle through th
 weight w takes w batches per cycle); row i of a batch uses start i mod len(starts). Only the user's words
 are kept: the answers stage answers them under the template's ordinary system prompt.
 
-Written in batches to an append-only JSONL (`{"id", "topic", "conversations": [{"role": "user", ...}]}`);
-a killed run continues after the last whole batch (each batch has its own seed and topic, so a continued
-run writes what an uninterrupted one would have).
+Batches are generated `batches_per_call` at a time, in one call to the decoder: its slots refill as
+requests end, so one request that runs to `max_tokens` holds up one slot, not a whole batch (requests
+are mostly short, and a batch generated alone ran as long as its longest; measured in
+`bench/self_instruct_calls.py`). Written per call to an append-only JSONL (`{"id", "batch", "topic",
+"conversations": [{"role": "user", ...}]}`); a killed run continues after the last whole call (each call
+is seeded by its first batch, so a continued run writes what an uninterrupted one would have, given the
+same `batches_per_call`).
 """
 
 from __future__ import annotations
@@ -57,10 +61,12 @@ def _clean(text: str, min_chars: int) -> str | None:
 
 def self_instruct(generator, out: str | Path, count: int, events: Events, temperature: float = 1.0,
                   top_p: float = 0.95, max_tokens: int = 96, min_chars: int = 12, batch_size: int = 32,
-                  seed: int = 0, topics: dict[str, dict] | None = None) -> dict:
+                  seed: int = 0, topics: dict[str, dict] | None = None, batches_per_call: int = 8) -> dict:
     """Append user prompts written by `generator` (a `regen.local.LocalGenerator`) to `out` until it holds
     `count` batches' worth (`ceil(count / batch_size)` batches; empty or too short ones are dropped).
     `topics`: name -> {"starts": [str], "system": str | None, "weight": int} (see the module docstring)."""
+    if batches_per_call < 1:
+        raise ValueError(f"batches_per_call must be >= 1, got {batches_per_call}")
     import torch
 
     out = Path(out)
@@ -84,37 +90,49 @@ def self_instruct(generator, out: str | Path, count: int, events: Events, temper
         done = {json.loads(line)["batch"] for line in data[:keep].decode("utf-8").splitlines() if line.strip()}
         done = max(done) + 1 if done else 0
     kept = 0
-    for b in range(done, batches):
+    b0 = done
+    while b0 < batches:
         if events.cancelled:
-            raise JobCancelled(f"self-instruct stopped after {b} of {batches} batches; run again to continue")
-        # Each batch its own seed: a continued run writes what an uninterrupted one would have.
-        torch.manual_seed(seed * 1_000_003 + b)
+            raise JobCancelled(f"self-instruct stopped after {b0} of {batches} batches; run again to continue")
+        # Calls start at multiples of batches_per_call (a continued run lines up with an uninterrupted one).
+        call = list(range(b0, min(batches, (b0 // batches_per_call + 1) * batches_per_call)))
+        torch.manual_seed(seed * 1_000_003 + b0)
         if getattr(generator, "rng", None) is not None:
-            generator.rng.manual_seed(seed * 1_000_003 + b)
-        topic = cycle[b % len(cycle)]
-        rows = [heads[topic][i % len(heads[topic])] for i in range(batch_size)]   # (start, prompt ids)
-        replies = generator.generate_ids([ids for _, ids in rows], max_tokens=max_tokens,
-                                         temperature=temperature, top_p=top_p)
+            generator.rng.manual_seed(seed * 1_000_003 + b0)
+        rows = []   # (batch, row in batch, topic, start, prompt ids)
+        for b in call:
+            topic = cycle[b % len(cycle)]
+            rows += [(b, i, topic, *heads[topic][i % len(heads[topic])]) for i in range(batch_size)]
+        # A cancel stops the decoder within a step; the unfinished call is not written (resume redoes it).
+        replies = generator.generate_ids([r[4] for r in rows], max_tokens=max_tokens, temperature=temperature,
+                                         top_p=top_p, should_stop=lambda: events.cancelled)
+        if events.cancelled:
+            raise JobCancelled(f"self-instruct stopped after {b0} of {batches} batches; run again to continue")
         lines = []
-        tag = {"topic": topic} if topic else {}
-        for i, r in enumerate(replies):
-            text = None
-            if r is not None and r.finish_reason == "stop" and r.content.strip():
-                text = _clean(rows[i][0] + r.content, min_chars)
-            if text:
-                lines.append(json.dumps({"id": f"self-{seed}-{b}-{i}", "batch": b, **tag,
-                                         "conversations": [{"role": "user", "content": text}]}, ensure_ascii=False))
-        if topic:
-            per_topic[topic] = per_topic.get(topic, 0) + len(lines)
-        # One write per batch, the batch number on every line: a whole batch or nothing counts as done.
-        if not lines:
-            lines.append(json.dumps({"id": f"self-{seed}-{b}-none", "batch": b, **tag, "conversations": []}))
+        for b in call:
+            topic = cycle[b % len(cycle)]
+            tag = {"topic": topic} if topic else {}
+            mine = []
+            for (rb, i, _, start, _), r in zip(rows, replies):
+                text = None
+                if rb == b and r is not None and r.finish_reason == "stop" and r.content.strip():
+                    text = _clean(start + r.content, min_chars)
+                if text:
+                    mine.append(json.dumps({"id": f"self-{seed}-{b}-{i}", "batch": b, **tag,
+                                            "conversations": [{"role": "user", "content": text}]},
+                                           ensure_ascii=False))
+            if topic:
+                per_topic[topic] = per_topic.get(topic, 0) + len(mine)
+            kept += len(mine)
+            # A batch with nothing kept still leaves its number, so resume knows it was done.
+            lines += mine or [json.dumps({"id": f"self-{seed}-{b}-none", "batch": b, **tag, "conversations": []})]
+        # One write per call, the batch number on every line: a whole call or nothing counts as done.
         with open(out, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        kept += sum(1 for x in lines if '"conversations": []' not in x)
-        events.progress(b + 1, batches, what="self-instruct batches")
+        b0 = call[-1] + 1
+        events.progress(b0, batches, what="self-instruct batches")
     res = {"output": str(out), "batches": batches, "new_prompts": kept}
     if topics:
         res["new_prompts_per_topic"] = per_topic
