@@ -99,28 +99,28 @@ def self_instruct(generator, out: str | Path, count: int, events: Events, temper
         torch.manual_seed(seed * 1_000_003 + b0)
         if getattr(generator, "rng", None) is not None:
             generator.rng.manual_seed(seed * 1_000_003 + b0)
-        rows = []   # (batch, row in batch, topic, start, prompt ids)
+        rows = []   # (batch, row in batch, start, prompt ids)
         for b in call:
-            topic = cycle[b % len(cycle)]
-            rows += [(b, i, topic, *heads[topic][i % len(heads[topic])]) for i in range(batch_size)]
+            h = heads[cycle[b % len(cycle)]]
+            rows += [(b, i, *h[i % len(h)]) for i in range(batch_size)]
         # A cancel stops the decoder within a step; the unfinished call is not written (resume redoes it).
-        replies = generator.generate_ids([r[4] for r in rows], max_tokens=max_tokens, temperature=temperature,
+        replies = generator.generate_ids([r[3] for r in rows], max_tokens=max_tokens, temperature=temperature,
                                          top_p=top_p, should_stop=lambda: events.cancelled)
         if events.cancelled:
             raise JobCancelled(f"self-instruct stopped after {b0} of {batches} batches; run again to continue")
+        texts: dict[int, list[tuple[int, str]]] = {b: [] for b in call}
+        for (b, i, start, _), r in zip(rows, replies):
+            text = _clean(start + r.content, min_chars) if (r is not None and r.finish_reason == "stop"
+                                                            and r.content.strip()) else None
+            if text:
+                texts[b].append((i, text))
         lines = []
         for b in call:
             topic = cycle[b % len(cycle)]
             tag = {"topic": topic} if topic else {}
-            mine = []
-            for (rb, i, _, start, _), r in zip(rows, replies):
-                text = None
-                if rb == b and r is not None and r.finish_reason == "stop" and r.content.strip():
-                    text = _clean(start + r.content, min_chars)
-                if text:
-                    mine.append(json.dumps({"id": f"self-{seed}-{b}-{i}", "batch": b, **tag,
-                                            "conversations": [{"role": "user", "content": text}]},
-                                           ensure_ascii=False))
+            mine = [json.dumps({"id": f"self-{seed}-{b}-{i}", "batch": b, **tag,
+                                "conversations": [{"role": "user", "content": text}]}, ensure_ascii=False)
+                    for i, text in texts[b]]
             if topic:
                 per_topic[topic] = per_topic.get(topic, 0) + len(mine)
             kept += len(mine)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ttt import TTTOutput, _up
+from .ttt import TTTOutput, _up, chain_anchors
 
 
 def _check_inputs(draft, last_hidden: Tensor, target_logits: Tensor, loss_mask: Tensor,
@@ -50,8 +50,7 @@ def medusa_forward(draft, last_hidden: Tensor, target_logits: Tensor, loss_mask:
 
     total = None
     ploss, accs, counts, chain = [], [], [], []
-    n0 = max(T - 2, 0)
-    alive = am[:, :n0] & am[:, 1:1 + n0] & am[:, 2:2 + n0] & lm[:, 2:2 + n0]   # anchors: head 0's gates bar the vocab
+    alive = chain_anchors(am, lm)                                           # [B,T-2]
     anchors = int(alive.sum())
     for i in range(draft.num_heads):
         n = T - 2 - i                                  # positions t whose predicted token t+2+i exists

@@ -199,6 +199,13 @@ def _right_padded(attention_mask: Tensor) -> bool:
     return bool((am[:, 1:] <= am[:, :-1]).all()) if am.shape[1] > 1 else True
 
 
+def chain_anchors(am: Tensor, lm: Tensor) -> Tensor:
+    """Bool [B, T-2]: positions t that anchor a chain - step 0's gates (t, t+1, t+2 real, t+2 trained)
+    without the draft-vocab one, so a target the vocab lacks is a miss rather than not counted."""
+    n0 = max(am.shape[1] - 2, 0)
+    return am[:, :n0] & am[:, 1:1 + n0] & am[:, 2:2 + n0] & lm[:, 2:2 + n0]
+
+
 def _check_inputs(input_ids, aux_hidden, target_logits, loss_mask, attention_mask, draft, ttt_length):
     B, T = input_ids.shape
     for name, x in (("loss_mask", loss_mask), ("attention_mask", attention_mask)):
@@ -250,8 +257,7 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
     total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
     ploss, accs, counts, chain = [], [], [], []
     # Step k at position t extends the chain anchored at t (h stays at t), so one bool per anchor suffices.
-    n0 = max(T - 2, 0)
-    alive = am[:, :n0] & am[:, 1:1 + n0] & am[:, 2:2 + n0] & lm[:, 2:2 + n0]                  # [B,T-2]
+    alive = chain_anchors(am, lm)                                                          # [B,T-2]
     anchors = int(alive.sum())
     for k in range(ttt_length):
         emb = draft.embed(ids_next[:, k:k + T]).to(h.dtype)                                 # [B,T,H]
