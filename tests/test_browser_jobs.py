@@ -72,6 +72,24 @@ def _fill(pg, elem_id: str, value: str) -> None:
     pg.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(value)
 
 
+def _fill_held(pg, values: dict[str, str], settle_ms: int = 1500, tries: int = 10) -> None:
+    """Fill fields, then refill until every one keeps its value for `settle_ms`.
+
+    On a loaded machine a field can be overwritten after a quick fill: an accordion's fields mount when it opens
+    and may take their initial value after the fill; a dropdown can answer twice and put its defaults back.
+    """
+    boxes = {k: pg.locator(f"#{k} textarea, #{k} input").first for k in values}
+    todo = dict(values)
+    for _ in range(tries):
+        for k, v in todo.items():
+            boxes[k].fill(v)
+        pg.wait_for_timeout(settle_ms)
+        todo = {k: v for k, v in values.items() if boxes[k].input_value() != v}
+        if not todo:
+            return
+    raise AssertionError(f"fields do not keep their values: {({k: boxes[k].input_value() for k in todo})}")
+
+
 def _points(pg, elem_id: str) -> int:
     return pg.evaluate(PLOT_POINTS_JS, f"#{elem_id}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_browser_jobs import _fill
+from test_browser_jobs import _fill, _fill_held
 from test_browser_mask import _screenshot, new_offline_page, serve_workbench
 from test_browser_tabs import _pick, _value, _wait_card, browser  # noqa: F401 - the fixture
 from test_recipe import tiny_recipe
@@ -43,16 +43,6 @@ def _rows(pg, elem_id: str) -> list[list[str]]:
     return pg.evaluate(ROWS_JS, f"#{elem_id}")
 
 
-def _fill_until_it_holds(pg, elem_id: str, value: str, tries: int = 10) -> None:
-    box = pg.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    for _ in range(tries):
-        _fill(pg, elem_id, value)
-        pg.wait_for_timeout(1500)
-        if box.input_value() == value:
-            return
-    raise AssertionError(f"#{elem_id} does not keep {value!r}: now {box.input_value()!r}")
-
-
 def test_recipe_runs_every_stage_then_a_reload_follows_it(browser, server, workspace, tmp_path):  # noqa: F811
     ctx, page = new_offline_page(browser)
     try:
@@ -67,7 +57,7 @@ def test_recipe_runs_every_stage_then_a_reload_follows_it(browser, server, works
         # A bad param is refused by field, before any job starts. Picking a recipe can answer twice (the
         # dropdown's selection and its blur): on a loaded machine the second answer lands after a quick
         # fill and puts the recipe's params back, so fill until the value holds.
-        _fill_until_it_holds(page, "recipe-params", "nope=1")
+        _fill_held(page, {"recipe-params": "nope=1"})
         page.locator("#recipe-launch").click()
         page.wait_for_selector("#recipe-message .form-error[data-field='set']", timeout=30_000)
         _fill(page, "recipe-params", "")

@@ -24,7 +24,7 @@ import urllib.request
 import pytest
 
 from conftest import tiny_llama_config
-from test_browser_jobs import _fill, _points, _write_chat
+from test_browser_jobs import _fill, _fill_held, _points, _write_chat
 from test_browser_mask import Server, _free_port, _screenshot, browser, new_offline_page, serve_workbench  # noqa: F401
 
 pytestmark = pytest.mark.browser
@@ -201,11 +201,9 @@ def test_benchmark_in_process_then_reference_server(page, server, workspace, ser
     page.wait_for_selector("#bench-mode input[value='In-process (this machine, no server)']:checked",
                            timeout=30_000)
     assert _value(page, "bench-eval-target") == "default"
-    _fill(page, "bench-eval-target", "tiny_target")
-    _fill(page, "bench-eval-draft", RUN)
-    _fill(page, "bench-eval-prompts", "data/tiny_train.jsonl")
-    _fill(page, "bench-eval-max-prompts", "2")
-    _fill(page, "bench-eval-max-new-tokens", "8")
+    _fill_held(page, {"bench-eval-target": "tiny_target", "bench-eval-draft": RUN,
+                      "bench-eval-prompts": "data/tiny_train.jsonl", "bench-eval-max-prompts": "2",
+                      "bench-eval-max-new-tokens": "8"})
     _pick(page, "bench-eval-device", "cpu")
     page.locator("#bench-run").click()
     _wait_card(page, "bench-status", timeout=240_000)
@@ -225,9 +223,8 @@ def test_benchmark_in_process_then_reference_server(page, server, workspace, ser
     assert _value(page, "bench-results-path") == "bench/results.json"
     _open(page, "bench-ref")
     port = _free_port()
-    _fill(page, "bench-ref-target", "tiny_target")
-    _fill(page, "bench-ref-draft", str(serving.relative_to(workspace)))
-    _fill(page, "bench-ref-port", str(port))
+    _fill_held(page, {"bench-ref-target": "tiny_target", "bench-ref-draft": str(serving.relative_to(workspace)),
+                      "bench-ref-port": str(port)})
     page.locator("#bench-ref-start").click()
     page.wait_for_function("() => (document.querySelector('#bench-ref-message')?.innerText || '')"
                            ".includes('reference server starting as job')", timeout=30_000)
@@ -263,15 +260,10 @@ def test_regenerate_against_a_loopback_server_then_resume(page, server, workspac
     with ServerThread(faults=Faults(fail_rate=0.5, seed=0)) as srv:
         page.goto(server.url)
         page.get_by_role("tab", name="Regenerate").click()
-        _fill(page, "regen-input", "data/tiny_train.jsonl")
-        _fill(page, "regen-output", "data/regen.jsonl")
-        _fill(page, "regen-server-address", srv.address)
-        _fill(page, "regen-concurrency", "4")
-        _fill(page, "regen-max-tokens", "32")
-        _fill(page, "regen-max-rows", "8")
         _open(page, "regen-advanced")
-        _fill(page, "regen-max-retries", "0")
-        _fill(page, "regen-retire-after", "100")
+        _fill_held(page, {"regen-input": "data/tiny_train.jsonl", "regen-output": "data/regen.jsonl",
+                          "regen-server-address": srv.address, "regen-concurrency": "4", "regen-max-tokens": "32",
+                          "regen-max-rows": "8", "regen-max-retries": "0", "regen-retire-after": "100"})
         page.locator("#regen-launch").click()
         _wait_card(page, "regen-status", timeout=120_000)
         page.wait_for_function("() => document.querySelector('#regen-errors-summary')?.innerText"

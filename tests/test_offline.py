@@ -558,6 +558,56 @@ def test_topk_position_with_no_draft_token_is_not_counted():
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_teacher_in_draft_vocab_equals_the_dense_rebuild(dtype):
+    """The TTT reads a top-k store's ids straight into the draft vocab (no [B, T, V] tensor): its teacher,
+    argmax and every TTT output must equal what the rebuilt dense logits give, bit for bit - with ties at
+    the top (bf16 makes more), rows the store keeps no teacher for, and rows whose ids all miss the draft vocab."""
+    from specforge_core.models.eagle3 import build_draft_config
+    from specforge_core.models.registry import build_draft
+    from specforge_core.offline.store import TopKLogits, topk_logits, topk_rows
+    from specforge_core.training.ttt import draft_teacher, ttt_forward
+
+    V, VD, H, B, T, K = 64, 16, 32, 2, 14, 6
+    torch.manual_seed(0)
+    draft = build_draft(build_draft_config(tiny_llama_config(vocab_size=V, hidden_size=H), VD, [1, 1, 2]))
+    in_draft = torch.randperm(V)[:VD].sort().values
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[in_draft] = True
+    draft.set_vocab_mapping(in_draft - torch.arange(VD), t2d)
+    draft.load_embedding(torch.randn(V, H))
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(B, T, V, generator=g) * 3
+    logits[..., t2d] += 2.0
+    logits[0, 3, [40, 7, 22]] = 20.0                      # a three-way tie at the top: argmax is id 7
+    logits[1, 4] = -5.0
+    logits[1, 4, ~t2d] = torch.linspace(1.0, 2.0, int((~t2d).sum()))   # every top id outside the draft vocab
+    vals, ids = topk_rows(logits, K)
+    vals, ids = vals.to(dtype), ids.long()
+    vals[1, 9:] = torch.finfo(dtype).min                  # rows the store keeps no teacher for
+    ids[1, 9:] = 0
+    sparse = TopKLogits(vals, ids, V, dtype)
+    dense = topk_logits(vals, ids, V, dtype)
+    assert sparse.shape == tuple(dense.shape) and torch.equal(sparse.dense(), dense)
+
+    got_logits, got_arg = draft_teacher(sparse, draft.t2d)
+    want_logits, want_arg = draft_teacher(dense, draft.t2d)
+    assert got_logits.dtype == want_logits.dtype and torch.equal(got_logits, want_logits)
+    assert torch.equal(got_arg, want_arg) and int(got_arg[0, 3]) == 7 and not bool(t2d[got_arg[1, 4]])
+
+    ids_in = torch.randint(0, V, (B, T), generator=g)
+    aux = torch.randn(B, T, 3 * H, generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[1, 12:] = 0
+    lm = torch.ones(B, T, dtype=torch.long)
+    lm[:, :2] = 0
+    a = ttt_forward(draft, ids_in, aux, sparse, lm, am, ttt_length=3)
+    b = ttt_forward(draft, ids_in, aux, dense, lm, am, ttt_length=3)
+    assert torch.equal(a.loss, b.loss) and a.ploss == b.ploss and a.acc == b.acc
+    assert a.counts == b.counts and a.chain == b.chain and a.anchors == b.anchors and a.counts[0] > 0
+
+
+@pytest.mark.unit
 def test_topk_dump_trains_offline_without_lm_head(tmp_path, tiny_target, data_files, monkeypatch):
     from specforge_core.offline.config import DumpConfig
     from specforge_core.offline.dump import dump_hidden_states

@@ -184,6 +184,26 @@ def topk_logits(values: Tensor, indices: Tensor, vocab_size: int, dtype: torch.d
     return out
 
 
+@dataclass(frozen=True)
+class TopKLogits:
+    """A batch's teacher as a top-k store keeps it, standing in for the dense [B, T, V] logits that
+    `topk_logits` would rebuild: values [B, T, k] (descending, in `dtype`), ids [B, T, k] int64, and the
+    floor everywhere else. The TTT reads it in the draft vocab directly (`training.ttt.draft_teacher`), so
+    training never builds a [B, T, V] tensor: with a 49k target vocab that rebuild was a quarter of a
+    CPU training step."""
+    values: Tensor
+    ids: Tensor
+    vocab_size: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.values.shape[:-1], int(self.vocab_size))
+
+    def dense(self) -> Tensor:
+        return topk_logits(self.values, self.ids, self.vocab_size, self.dtype)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

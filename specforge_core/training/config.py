@@ -54,7 +54,7 @@ class TrainConfig(DataFields):
     group_by_length: int = Field(0, ge=0, description="0 = random micro-batches; N = sort each N consecutive "
                                  "samples of the epoch's shuffled order by length, so a batch holds samples "
                                  "of similar length (far less padding; the order stays seeded and resumable)")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU; bfloat16 on a CPU without native bf16 matmuls trains in fp32 (with a warning)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train")
 
     # -- scale-out (under torchrun; one process ignores these) -------------------------------------

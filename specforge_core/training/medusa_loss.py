@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ttt import TTTOutput, _up, chain_anchors
+from .ttt import TTTOutput, _up, chain_anchors, draft_teacher
 
 
 def _check_inputs(draft, last_hidden: Tensor, target_logits: Tensor, loss_mask: Tensor,
@@ -45,7 +45,7 @@ def medusa_forward(draft, last_hidden: Tensor, target_logits: Tensor, loss_mask:
     t2d = draft.t2d.to(dev)
 
     with torch.no_grad():
-        target_arg = target_logits.argmax(-1)                                               # [B,T] target ids
+        draft_logits, target_arg = draft_teacher(target_logits, t2d)                       # [B,T,Vd], [B,T]
         in_draft = t2d[target_arg]                                                          # [B,T]
 
     total = None
@@ -63,7 +63,7 @@ def medusa_forward(draft, last_hidden: Tensor, target_logits: Tensor, loss_mask:
             tk = slice(2 + i, 2 + i + n)               # predicted token t+2+i
             mask = am[:, :n] & am[:, sl] & am[:, tk] & lm[:, tk] & in_draft[:, sl]          # [B,n]
             with torch.no_grad():
-                teacher = torch.softmax(_up(target_logits[:, sl][..., t2d]), dim=-1)        # [B,n,Vd]
+                teacher = torch.softmax(_up(draft_logits[:, sl]), dim=-1)                  # [B,n,Vd]
             logits = draft.head_logits(last_hidden[:, :n], i)                               # [B,n,Vd]
             logp = torch.log_softmax(_up(logits), dim=-1)
             ce = -(teacher * logp).sum(-1)                                                  # [B,n]

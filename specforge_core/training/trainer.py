@@ -100,7 +100,8 @@ class OfflineTeacher:
     """A hidden-state store in place of the target: the draft's input states (aux layers, or the last
     hidden state for a `states: last` store) read from disk; logits recomputed from the
     stored last hidden state with the target's lm_head (zero rows where the TTT never counts), or, for a
-    top-k store, rebuilt from the stored top-k logits (a low finite floor elsewhere: see `topk_logits`)."""
+    top-k store, the stored top-k logits as `TopKLogits` (the TTT reads them in the draft vocab; a low finite
+    floor elsewhere: see `topk_logits`)."""
 
     def __init__(self, head, sources: dict, device: torch.device, dtype: torch.dtype):
         self.head = head
@@ -115,14 +116,13 @@ class OfflineTeacher:
         lengths = [int(x) for x in batch.attention_mask.sum(1).tolist()]
         aux, teacher = store.batch(split, idx, batch.input_ids.shape[1], dtype=self.dtype, lengths=lengths)
         if store.teacher == "topk":
-            from ..offline.store import topk_logits
+            from ..offline.store import TopKLogits
 
             vals, ids = teacher
             # run.json's vocab_size (checked against the target when the store was opened) is the width
-            # the TTT expects; no lm_head is needed.
-            logits = topk_logits(vals.to(self.device), ids.to(self.device), int(store.run["vocab_size"]),
-                                 self.dtype)
-            return aux.to(self.device), logits
+            # the TTT expects; no lm_head is needed, and the TTT reads the k ids into the draft vocab itself.
+            return aux.to(self.device), TopKLogits(vals.to(self.device), ids.to(self.device),
+                                                   int(store.run["vocab_size"]), self.dtype)
         return aux.to(self.device), self.head.logits_from_hidden(teacher.to(self.device))
 
 
@@ -525,6 +525,12 @@ def train(cfg: TrainConfig, events: Events) -> dict:
 
 
 def _bf16(cfg: TrainConfig, info: DistInfo) -> bool:
+    if info.device.type == "cpu" and cfg.dtype == "bfloat16":
+        # Without AVX512-BF16 / AMX, PyTorch emulates bf16 matmuls: ~300x slower than fp32 on an AVX2 CPU
+        # (0.3 vs 87 GFLOP/s measured), so a recipe written for a bf16 CPU would not finish. fp32 instead.
+        from ..cpu_kernels import onednn_bf16_available
+
+        return onednn_bf16_available()
     return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and info.device.type == "cuda")
 
 
@@ -537,6 +543,9 @@ def _train(cfg: TrainConfig, events: Events, info: DistInfo, t_start: float) -> 
             raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue it, "
                              "or choose another --output-dir")
     use_bf16 = _bf16(cfg, info)
+    if cfg.dtype == "bfloat16" and not use_bf16:
+        events.warning("dtype bfloat16 asked for, but this CPU has no native bf16 matmuls (AVX512-BF16 or AMX), "
+                    "where they run hundreds of times slower than fp32: training in fp32")
     events.emit("train_start", output_dir=str(run_dir), world_size=info.world_size, device=str(info.device),
                 bf16=use_bf16)
     from .memory import plan_memory

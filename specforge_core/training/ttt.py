@@ -6,7 +6,8 @@ distribution for token t+2 (the target logits at t+1). Step k (0-based) feeds th
 t+1+k, the draft's own previous pre-norm output (k>0), sits at RoPE position t+k and predicts token
 t+2+k. A prediction is counted when token t+2+k exists, is real (attention_mask at t, t+1+k, t+2+k),
 is trained (loss_mask[t+2+k]) and the target's argmax for it lies in the draft vocabulary. Losses
-are soft cross-entropy against softmax(target_logits[..., t2d]), averaged over the counted positions
+are soft cross-entropy against softmax(target_logits[..., t2d]) (`draft_teacher`: dense logits, or a top-k
+store's ids read straight into the draft vocab), averaged over the counted positions
 (not B*T: the scale must not depend on padding), weighted decay**k and summed over steps.
 
 Attention at step k: query t sees the step-0 keys j <= t (those with attention_mask[j], and always its
@@ -193,6 +194,28 @@ def _up(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def draft_teacher(target_logits, t2d: Tensor) -> tuple[Tensor, Tensor]:
+    """(the target's logits over the draft vocab [B,T,Vd], its argmax as target ids [B,T]).
+
+    `target_logits` is dense [B,T,V], or a top-k store's `TopKLogits`: then both come straight from the k
+    stored ids, without the [B,T,V] rebuild, and equal what the rebuilt dense logits give bit for bit
+    (same values in the same dtype, the floor elsewhere; argmax ties go to the lowest id, as torch's do)."""
+    from ..offline.store import TopKLogits
+
+    if not isinstance(target_logits, TopKLogits):
+        return target_logits[..., t2d], target_logits.argmax(-1)
+    vals, ids = target_logits.values.to(target_logits.dtype), target_logits.ids.long()
+    V, Vd = int(target_logits.vocab_size), int(t2d.sum())
+    top = vals == vals[..., :1]                                          # ties with the top-1 value
+    target_arg = torch.where(top, ids, torch.full_like(ids, V)).amin(-1)                    # [B,T]
+    to_draft = torch.full((V,), Vd, dtype=torch.long, device=ids.device)   # target id -> draft id, Vd: none
+    to_draft[t2d] = torch.arange(Vd, device=ids.device)
+    out = torch.full((*ids.shape[:-1], Vd + 1), torch.finfo(target_logits.dtype).min,
+                     dtype=target_logits.dtype, device=ids.device)
+    out.scatter_(-1, to_draft[ids], vals)                   # ids outside the draft vocab land in column Vd
+    return out[..., :Vd], target_arg
+
+
 def _right_padded(attention_mask: Tensor) -> bool:
     # Non-increasing rows: every query that is counted only sees real keys, so plain causal suffices.
     am = attention_mask.bool()
@@ -240,8 +263,8 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
 
     # Teacher, once for all steps; step k reads it at t+1+k through a slice (a view, no copy).
     with torch.no_grad():
-        teacher = torch.softmax(_up(target_logits[..., t2d]), dim=-1)                  # [B,T,Vd]
-        target_arg = target_logits.argmax(-1)                                               # [B,T] target ids
+        draft_logits, target_arg = draft_teacher(target_logits, t2d)                       # [B,T,Vd], [B,T]
+        teacher = torch.softmax(_up(draft_logits), dim=-1)                                  # [B,T,Vd]
         in_draft = t2d[target_arg]                                                          # [B,T]
 
     key_ok = None if _right_padded(attention_mask) else am
