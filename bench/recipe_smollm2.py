@@ -64,8 +64,9 @@ def _draft_readme(out: Path, res: dict) -> str:
     rc = out / "run.json"
     sets = (json.loads(rc.read_text(encoding="utf-8"))["config"].get("set") or []) if rc.exists() else []
     command = "specforge-wb recipe run smollm2-cpu" + (" --set " + " ".join(sets) if sets else "")
-    kernel = "" if res.get("linear_kernel") != "onednn-bf16" else (
-        "\n\nEvery mode ran the target's and the draft's linear layers as prepacked oneDNN bf16 matmuls "
+    kind = {"onednn-bf16": "bf16", "onednn-fp32": "fp32"}.get(res.get("linear_kernel"))
+    kernel = "" if kind is None else (
+        f"\n\nEvery mode ran the target's and the draft's linear layers as prepacked oneDNN {kind} matmuls "
         "(`evaluate --linear-kernel auto` on this CPU), plain greedy included; the outputs were compared with "
         "plain greedy under the same kernels.")
     return f"""# smollm2-135m-eagle3: the draft shipped for the embedded default target

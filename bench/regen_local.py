@@ -8,7 +8,7 @@ timings drift by 2x within minutes; compare the ratios.
   forward  - tokens/s of one full-sequence forward over batch 8 x 256 random tokens (median of the runs);
   old      - HF `generate` in left-padded batches (decoder="hf", the previous implementation);
   new      - the continuous-batching decoder (decoder="fast"), once per `--kernels` entry: native (fp32
-             F.linear) and onednn-bf16 (prepacked oneDNN bf16 matmuls, the kernels `evaluate` uses); each
+             F.linear), onednn-bf16 or onednn-fp32 (prepacked oneDNN matmuls, the kernels `evaluate` uses); each
              kernel's run reports how many of its replies equal the native run's.
 
 Prompts are GSM8K train questions (user turn, the model's chat template, greedy). For each decoder it
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-old", action="store_true")
-    ap.add_argument("--kernels", nargs="+", default=["native"], choices=["native", "onednn-bf16"],
+    ap.add_argument("--kernels", nargs="+", default=["native"], choices=["native", "onednn-bf16", "onednn-fp32"],
                     help="linear kernels of the new decoder, each run in turn on the same prompts")
     ap.add_argument("--profile", action="store_true", help="add a profiler breakdown of the new decoder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "regen_local.json"))

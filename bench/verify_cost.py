@@ -2,7 +2,7 @@
 
 A speculative decoder's speedup is about acceptance_length / (verify cost in decode steps + draft cost),
 so on a CPU the verify's width matters as much as the draft. For each linear kernel of
-`evaluate --linear-kernel` (native fp32, oneDNN bf16 prepacked with row-wise attention) this loads the
+`evaluate --linear-kernel` (native fp32; oneDNN bf16 and fp32 prepacked, with row-wise attention) this loads the
 target once, prefills a prompt of `--context` random tokens, and times forwards of 1, 4 and 8 new
 tokens, interleaved round by round (this machine is shared and noisy: every kernel sees the same
 spells), reporting medians. It also checks, per kernel, whether a 4-token verify gives bit-identical
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from specforge_core.evaluate.spec_decode import TargetRunner  # noqa: E402
-from specforge_core.cpu_kernels import onednn_bf16_available, pack_linears, use_rowwise_attention  # noqa: E402
+from specforge_core.cpu_kernels import PACKED_KERNELS, onednn_bf16_available, pack_linears, use_rowwise_attention  # noqa: E402,E501
 from specforge_core.models.target import load_target  # noqa: E402
 
 WIDTHS = (1, 4, 8)
@@ -71,13 +71,14 @@ def main() -> None:
 
     base = load_target(args.target, dtype=torch.float32, device="cpu", aux=True)
     variants = {"native": base}
-    if onednn_bf16_available():
+    for kernel in PACKED_KERNELS:
+        if kernel == "onednn-bf16" and not onednn_bf16_available():
+            print("oneDNN bf16 is not available on this CPU: not measured")
+            continue
         packed = copy.deepcopy(base)
-        pack_linears(packed.model)
+        pack_linears(packed.model, kernel)
         use_rowwise_attention(packed.model)
-        variants["onednn-bf16"] = packed
-    else:
-        print("oneDNN bf16 is not available on this CPU: measuring native only")
+        variants[kernel] = packed
     torch.manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (1, args.context + max(WIDTHS)))
     runners = {k: TargetRunner(t) for k, t in variants.items()}

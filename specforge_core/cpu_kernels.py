@@ -9,10 +9,13 @@ output for a row does not depend on how many rows are in the call (checked bit f
 `tests/test_cpu_kernels.py`), so greedy speculative decoding stays token-identical to plain decoding
 under the same kernels.
 
-`pack_linears(module)` swaps every `nn.Linear` inside `module` for a `PackedBF16Linear` in place: the
-weight is rounded to bf16 once, inputs are rounded to bf16 at each call, accumulation is fp32, and the
+`pack_linears(module, kernel)` swaps every `nn.Linear` inside `module` for a `PackedLinear` in place. With
+`onednn-bf16` the weight is rounded to bf16 once, inputs are rounded to bf16 at each call, accumulation is
+fp32; with `onednn-fp32` (any x86 CPU: on one without native bf16, where PyTorch's fp32 F.linear made a
+4-token verify cost 1.86 decode steps, the prepacked fp32 matmul made it 1.29) everything stays fp32. The
 output comes back in the input's dtype; everything outside the linears (norms, attention, residuals)
-keeps its dtype. Inference only: the packed weight has no gradient.
+keeps its dtype. Inference only: the packed weight has no gradient. Both kernels give a row the same bits
+whatever the number of rows in the call (`tests/test_cpu_kernels.py`).
 """
 
 from __future__ import annotations
@@ -31,66 +34,104 @@ def onednn_bf16_available() -> bool:
         return False
 
 
-class PackedBF16Linear(nn.Module):
-    """`nn.Linear` for CPU inference with a prepacked oneDNN bf16 weight. Built from an `nn.Linear` or
-    from a weight [out, in] (and bias [out]) tensor, such as fused q|k|v rows. Keeps the original `weight`
-    (and `bias`) as attributes so code that reads `.weight.dtype` / `.weight.shape` still works."""
+def onednn_fp32_available() -> bool:
+    """Whether this PyTorch build has oneDNN's prepacked linear (any x86 CPU it supports runs it in fp32)."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
-    def __init__(self, linear: nn.Linear | Tensor, bias: Tensor | None = None):
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` for CPU inference with a weight prepacked once into oneDNN's blocked layout, computed in
+    bf16 (inputs and weight rounded, fp32 accumulation) or in fp32. Built from an `nn.Linear` or from a
+    weight [out, in] (and bias [out]) tensor, such as fused q|k|v rows. Keeps the original `weight` (and
+    `bias`) as attributes so code that reads `.weight.dtype` / `.weight.shape` still works."""
+
+    def __init__(self, linear: nn.Linear | Tensor, bias: Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         weight, bias = (linear.weight, linear.bias) if isinstance(linear, nn.Linear) else (linear, bias)
         self.out_features, self.in_features = weight.shape
         self.weight, self.bias = weight, bias
-        w = weight.detach().to(torch.bfloat16).contiguous()
+        self.compute_dtype = dtype
+        w = weight.detach().to(dtype).contiguous()
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)   # [out, in], oneDNN layout
-        self._bias = None if bias is None else bias.detach().to(torch.bfloat16)
+        self._bias = None if bias is None else bias.detach().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)          # [rows, in]
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()   # [rows, in]
         y = torch.ops.mkldnn._linear_pointwise(x2, self._packed, self._bias, "none", [], "")  # [rows, out]
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN bf16 prepacked"
+        kind = str(self.compute_dtype).replace("torch.", "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN {kind} prepacked"
 
 
-LINEAR_KERNELS = ("auto", "native", "onednn-bf16")
+class PackedBF16Linear(PackedLinear):
+    """`PackedLinear` in bf16 (the kernel `onednn-bf16`)."""
+
+
+# Each packed kernel and the dtype its matmuls run in. On a CPU without AVX512-BF16 / AMX the fp32 one is
+# what flattens a verify's cost: PyTorch's fp32 F.linear repacks the weight on every call and takes 1.83x
+# a 1-token decode step for a 4-token verify of SmolLM2 on an AVX2 CPU (bench/verify_cost.py).
+PACKED_KERNELS = {"onednn-bf16": torch.bfloat16, "onednn-fp32": torch.float32}
+LINEAR_KERNELS = ("auto", "native", *PACKED_KERNELS)
+
+
+def _kernel_runs(kernel: str) -> str | None:
+    """Why `kernel` cannot run on this CPU / build, or None."""
+    if kernel == "onednn-bf16" and not onednn_bf16_available():
+        return ("this CPU / PyTorch build has no native oneDNN bf16 matmul (needs AVX512-BF16 or AMX); "
+                "use onednn-fp32 or native")
+    if kernel == "onednn-fp32" and not onednn_fp32_available():
+        return "this PyTorch build has no oneDNN (mkldnn); use native"
+    return None
 
 
 def resolve_linear_kernel(choice: str, device, dtype) -> str:
-    """The kernel a run uses for `choice` (auto | native | onednn-bf16): auto is onednn-bf16 for an fp32
-    run on a CPU with native bf16 matmuls, else native. An explicit onednn-bf16 that cannot run is an
-    error naming why, never a silent fallback."""
+    """The kernel a run uses for `choice` (auto | native | onednn-bf16 | onednn-fp32): auto is, for an fp32
+    run on a CPU, onednn-bf16 where the CPU has native bf16 matmuls, else onednn-fp32 where PyTorch has
+    oneDNN, else native; on a GPU, or for a bf16 run, native. An explicit packed kernel that cannot run is
+    an error naming why, never a silent fallback."""
     if choice not in LINEAR_KERNELS:
         raise ValueError(f"linear kernel must be one of {', '.join(LINEAR_KERNELS)}, not {choice!r}")
     device = torch.device(device)
-    if choice == "onednn-bf16":
+    if choice in PACKED_KERNELS:
         if device.type != "cpu":
-            raise ValueError(f"linear kernel onednn-bf16 is for CPU runs; this one runs on {device}")
-        if not onednn_bf16_available():
-            raise ValueError("linear kernel onednn-bf16: this CPU / PyTorch build has no native oneDNN bf16 "
-                             "matmul (needs AVX512-BF16 or AMX); use native")
-        return "onednn-bf16"
-    if choice == "auto" and device.type == "cpu" and dtype == torch.float32 and onednn_bf16_available():
-        return "onednn-bf16"
+            raise ValueError(f"linear kernel {choice} is for CPU runs; this one runs on {device}")
+        why = _kernel_runs(choice)
+        if why:
+            raise ValueError(f"linear kernel {choice}: {why}")
+        return choice
+    if choice == "auto" and device.type == "cpu" and dtype == torch.float32:
+        for k in PACKED_KERNELS:
+            if _kernel_runs(k) is None:
+                return k
     return "native"
 
 
+def packed_linear_factory(kernel: str):
+    """(weight, bias=None) -> a callable x -> x W^T + b under a packed `kernel`."""
+    dtype = PACKED_KERNELS[kernel]
+    return lambda w, b=None: PackedLinear(w, b, dtype=dtype)
+
+
 @torch.no_grad()
-def pack_linears(module: nn.Module) -> int:
-    """Replace every `nn.Linear` under `module` (CPU, inference) by a `PackedBF16Linear`; returns how many."""
-    if not onednn_bf16_available():
-        raise RuntimeError("oneDNN bf16 matmuls are not available on this CPU / PyTorch build "
-                           "(needs AVX512-BF16 or AMX); use linear_kernel=native")
+def pack_linears(module: nn.Module, kernel: str = "onednn-bf16") -> int:
+    """Replace every `nn.Linear` under `module` (CPU, inference) by a `PackedLinear` of `kernel`; returns
+    how many."""
+    if kernel not in PACKED_KERNELS:
+        raise ValueError(f"pack_linears: kernel must be one of {', '.join(PACKED_KERNELS)}, not {kernel!r}")
+    why = _kernel_runs(kernel)
+    if why:
+        raise RuntimeError(f"linear_kernel={kernel}: {why}")
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 if child.weight.device.type != "cpu":
-                    raise ValueError(f"linear_kernel=onednn-bf16 is for CPU inference; {name} is on "
+                    raise ValueError(f"linear_kernel={kernel} is for CPU inference; {name} is on "
                                      f"{child.weight.device}")
-                setattr(parent, name, PackedBF16Linear(child))
+                setattr(parent, name, PackedLinear(child, dtype=PACKED_KERNELS[kernel]))
                 count += 1
     return count
 

@@ -47,11 +47,12 @@ class EvaluateConfig(JobConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="target and draft dtype "
                                                                       "(auto: fp32 on CPU, bf16 on GPU)")
-    linear_kernel: Literal["auto", "native", "onednn-bf16"] = Field(
-        "auto", description="CPU only: `onednn-bf16` runs every linear layer of the target and the draft as a "
-        "prepacked oneDNN bf16 matmul (fp32 elsewhere), so a 4-8 token verify costs about what a 1-token step "
-        "does on a CPU with AMX/AVX512-BF16; `native` is PyTorch's own; `auto` picks onednn-bf16 for an fp32 "
-        "run on such a CPU. Plain and speculative decoding always share the kernels")
+    linear_kernel: Literal["auto", "native", "onednn-bf16", "onednn-fp32"] = Field(
+        "auto", description="CPU only: `onednn-bf16` / `onednn-fp32` run every linear layer of the target and "
+        "the draft as a prepacked oneDNN matmul (bf16 needs AMX/AVX512-BF16; fp32 runs on any x86 CPU), so a "
+        "4-8 token verify costs little more than a 1-token step; `native` is PyTorch's own (its fp32 verify "
+        "of 4 tokens costs ~1.8 decode steps); `auto` picks onednn-bf16 for an fp32 CPU run where the CPU has "
+        "it, else onednn-fp32. Plain and speculative decoding always share the kernels")
     seed: int = Field(0, description="seed for sampling")
     resume: bool = Field(False, description="continue a stopped evaluation: the prompts every mode finished "
                          "are read back from <output>.generations.jsonl and the rest run (refused if the "

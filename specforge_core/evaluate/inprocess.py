@@ -309,15 +309,15 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     target, draft, src, family_name = load_target_and_draft(cfg.target, cfg.draft, device, dtype,
                                                             cfg.aux_layer_ids, events)
     kernel = _linear_kernel(cfg, device, dtype)
-    if kernel == "onednn-bf16":
+    if kernel != "native":
         from ..cpu_kernels import pack_linears, use_rowwise_attention
 
         # Target and draft both: the baseline and every speculative mode run the same kernels. Row-wise
-        # attention keeps a verify forward bit-identical to decode steps (bf16 would amplify the last
-        # fp32 bits of a batched attention into different greedy tokens).
-        pack_linears(target.model)
+        # attention keeps a verify forward bit-identical to decode steps (a batched attention differs in
+        # the last fp32 bits, which can turn into different greedy tokens; bf16 linears amplify them).
+        pack_linears(target.model, kernel)
         use_rowwise_attention(target.model)
-        pack_linears(draft)
+        pack_linears(draft, kernel)
     tok = load_tokenizer(cfg.tokenizer or cfg.target)
     items = read_prompts(prompt_source(cfg.prompts), cfg.max_prompts, events)
     prompts = [render_prompt(it, tok, cfg.chat_template, cfg.system_prompt) for it in items]

@@ -44,11 +44,12 @@ class DumpConfig(DataFields):
     target_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="the target's compute "
                                                                  "dtype (auto: bf16 on GPU, fp32 on CPU)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the target runs")
-    linear_kernel: Literal["auto", "native", "onednn-bf16"] = Field(
+    linear_kernel: Literal["auto", "native", "onednn-bf16", "onednn-fp32"] = Field(
         "native", description="the target's linear layers: native (the same numbers online training sees), "
         "onednn-bf16 (prepacked oneDNN bf16 matmuls on a CPU with AMX / AVX512-BF16: ~2.6x faster forwards of "
-        "SmolLM2, states within ~1% of fp32; norms, attention and stored states stay fp32), or auto (onednn-bf16 "
-        "for an fp32 CPU run where the CPU has it)")
+        "SmolLM2, states within ~1% of fp32; norms, attention and stored states stay fp32), onednn-fp32 "
+        "(prepacked fp32, any x86 CPU), or auto (onednn-bf16 for an fp32 CPU run where the CPU has it, else "
+        "onednn-fp32)")
     estimate: bool = Field(False, description="only print the disk estimate and stop")
     force: bool = Field(False, description="start even when the estimate exceeds the free disk")
     repair: bool = Field(False, description="drop corrupt / truncated shards (crc32 checked) and redo them")

@@ -296,8 +296,8 @@ def _dump(cfg: DumpConfig, events: Events, ranks: _Ranks | None = None) -> dict:
     from ..cpu_kernels import pack_linears, resolve_linear_kernel
 
     kernel = resolve_linear_kernel(cfg.linear_kernel, device, torch.bfloat16 if use_bf16 else torch.float32)
-    if kernel == "onednn-bf16":
-        pack_linears(target.model)
+    if kernel != "native":
+        pack_linears(target.model, kernel)
     if not (out / "run.json").exists() and ranks.main:
         write_run_json(out, STORE_KIND, cfg, store_format=STORE_FORMAT, format=cfg.format, target=identity,
                        teacher=cfg.teacher, topk=cfg.topk if cfg.teacher == "topk" else None,

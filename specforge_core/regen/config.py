@@ -58,9 +58,10 @@ class RegenConfig(JobConfig):
                              "a local HF directory, or a hub id)")
     local_batch_size: int = Field(8, ge=1, description="local backend: prompts per generate call (grouped by length)")
     local_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="local backend: where to run")
-    local_linear_kernel: Literal["auto", "native", "onednn-bf16"] = Field(
-        "auto", description="local backend: auto = prepacked oneDNN bf16 matmuls for an fp32 CPU run where the "
-        "CPU has them (the kernels `evaluate` uses; 1.67x the tokens/s of fp32 on SmolLM2 at batch 64), else native")
+    local_linear_kernel: Literal["auto", "native", "onednn-bf16", "onednn-fp32"] = Field(
+        "auto", description="local backend: auto = prepacked oneDNN matmuls for an fp32 CPU run (the kernels "
+        "`evaluate` uses): bf16 where the CPU has native bf16 matmuls (1.67x the tokens/s of fp32 on SmolLM2 "
+        "at batch 64), else fp32")
 
     # -- sampling ----------------------------------------------------------------------------------
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature (0 = greedy)")

@@ -7,8 +7,9 @@ Two decoders:
   fast (Llama-style models: llama, and qwen2/mistral without sliding window): our own decode loop over
       the model's weights with continuous batching. Prompts are sorted by length; up to `batch_size`
       sequences decode together, each in its own slot of a preallocated KV cache (no per-step cache
-      concatenation, no attention over left padding); a finished sequence frees its slot and the next
-      prompt is prefilled into it at once, so the batch stays full. Greedy tokens equal a plain
+      concatenation, no attention over left padding); a finished sequence frees its slot, and once
+      `admit_min` (8) slots are free the next prompts are prefilled into them in one call, so the batch
+      stays nearly full without a prefill call per ended request. Greedy tokens equal a plain
       one-sequence greedy loop (tests/test_regen_local.py checks this against HF `generate`).
   hf (any other model, or `decoder="hf"`): HF `generate` in left-padded batches of `batch_size`.
 
@@ -74,8 +75,8 @@ class _FastDecoder:
     """
 
     def __init__(self, model, kv_budget_mb: float = 3072, linear_kernel: str = "native"):
-        """`linear_kernel`: native (F.linear on the model's weights) or onednn-bf16 (every projection and
-        the lm_head as a prepacked oneDNN bf16 matmul, `cpu_kernels`; CPU, fp32 models)."""
+        """`linear_kernel`: native (F.linear on the model's weights), onednn-bf16 or onednn-fp32 (every
+        projection and the lm_head as a prepacked oneDNN matmul, `cpu_kernels`; CPU, fp32 models)."""
         import torch
 
         cfg = model.config
@@ -93,13 +94,16 @@ class _FastDecoder:
         self.embed = base.embed_tokens.weight
         self.norm_w = base.norm.weight
         F = torch.nn.functional
-        if linear_kernel == "onednn-bf16":
-            from ..cpu_kernels import PackedBF16Linear as lin
+        from ..cpu_kernels import PACKED_KERNELS, packed_linear_factory
+
+        if linear_kernel in PACKED_KERNELS:
+            lin = packed_linear_factory(linear_kernel)
         elif linear_kernel == "native":
             def lin(w, b=None):
                 return lambda x: F.linear(x, w, b)
         else:
-            raise ValueError(f"linear_kernel must be native or onednn-bf16, not {linear_kernel!r}")
+            raise ValueError(f"linear_kernel must be native or one of {', '.join(PACKED_KERNELS)}, "
+                             f"not {linear_kernel!r}")
         self.linear_kernel = linear_kernel
         self.lm_head = lin(model.lm_head.weight, getattr(model.lm_head, "bias", None))
         self.rotary = base.rotary_emb
@@ -124,6 +128,10 @@ class _FastDecoder:
         self.budget_tokens = max(1, int(kv_budget_mb * 2 ** 20) // self.bytes_per_token)
         self._rope_len = 0
         self.reuse_prefix = True
+        # Admit waiting prompts only once this many slots are free (fewer at the queue's tail): each
+        # admission is a prefill call over all layers, and admitting one prompt per decode step, as short
+        # requests end one by one, made prefills cost about as much as the decode steps themselves.
+        self.admit_min = 8
         self.attn = "sdpa"  # CPU flash kernel: as fast as batched matmuls alone, far faster under 2 threads
         self._cos = self._sin = None
 
@@ -334,7 +342,10 @@ class _FastDecoder:
             # Admit queued prompts into free slots (growing the cache or shrinking the slot count
             # within the memory budget when the next prompt needs more room).
             admitted: list[int] = []
-            while qpos < len(queue):
+            busy_now = sum(r >= 0 for r in slot_req)
+            waiting = len(queue) - qpos
+            hold = busy_now and waiting and S - busy_now < max(1, min(self.admit_min, waiting, S // 4))
+            while qpos < len(queue) and not hold:
                 i = queue[qpos]
                 busy = sum(r >= 0 for r in slot_req)
                 want_cap = max(cap, need(i))
@@ -400,8 +411,8 @@ class LocalGenerator:
     def __init__(self, model: str = "default", device: str = "auto", batch_size: int = 8, seed: int = 0,
                  decoder: str = "auto", kv_budget_mb: float = 3072, linear_kernel: str = "auto"):
         """`decoder`: auto (fast when the architecture allows, else hf), fast, or hf. `linear_kernel`: auto
-        (oneDNN bf16 prepacked matmuls for an fp32 run on a CPU that has them, as `evaluate` uses), native,
-        or onednn-bf16; `self.linear_kernel` says which runs."""
+        (oneDNN prepacked matmuls for an fp32 CPU run, bf16 where the CPU has native bf16 matmuls, else fp32,
+        as `evaluate` uses), native, onednn-bf16 or onednn-fp32; `self.linear_kernel` says which runs."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -447,8 +458,8 @@ class LocalGenerator:
             self._fast = _FastDecoder(self.model, kv_budget_mb, self.linear_kernel)
         else:
             self._fast = None
-            if self.linear_kernel == "onednn-bf16":
-                pack_linears(self.model)
+            if self.linear_kernel != "native":
+                pack_linears(self.model, self.linear_kernel)
 
     def render(self, messages: list[dict], disable_thinking: bool = False) -> list[int]:
         kw = {"enable_thinking": False} if disable_thinking else {}
