@@ -68,16 +68,19 @@ def test_fast_decoder_is_chosen_for_llama(tiny_gen):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("batch,budget_mb,reuse_prefix", [(1, 2048, True), (3, 2048, True), (3, 2048, False),
-                                                         (64, 2048, True), (4, 0.1, True)])
-def test_fast_greedy_equals_plain_loop(tiny_gen, batch, budget_mb, reuse_prefix):
+@pytest.mark.parametrize("batch,budget_mb,reuse_prefix,admit_min", [
+    (1, 2048, True, 1), (3, 2048, True, 1), (3, 2048, False, 1), (64, 2048, True, 1), (4, 0.1, True, 1),
+    (4, 2048, True, 2), (8, 2048, True, 3)])
+def test_fast_greedy_equals_plain_loop(tiny_gen, batch, budget_mb, reuse_prefix, admit_min):
     """Every scheduling path (one slot, refilled slots, more slots than prompts, a budget so small the
     cache must shrink its slot count as prompts get longer, with and without the shared chat-template
-    prefix computed once) gives the one-sequence greedy tokens."""
+    prefix computed once, slots refilled in groups once `admit_min` are free) gives the one-sequence
+    greedy tokens."""
     from specforge_core.regen.local import _FastDecoder
 
     fd = _FastDecoder(tiny_gen.model, kv_budget_mb=budget_mb)
     fd.reuse_prefix = reuse_prefix
+    fd.admit_min = admit_min
     prompts = [tiny_gen.render(c) for c in _convs()] * 2
     prompts += [p[:-3] + p[-3:] + [100 + i] for i, p in enumerate(prompts[:3])]
     ref = [plain_greedy(tiny_gen.model, p, 20, tiny_gen.eos_ids) for p in prompts]

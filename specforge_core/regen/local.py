@@ -7,9 +7,9 @@ Two decoders:
   fast (Llama-style models: llama, and qwen2/mistral without sliding window): our own decode loop over
       the model's weights with continuous batching. Prompts are sorted by length; up to `batch_size`
       sequences decode together, each in its own slot of a preallocated KV cache (no per-step cache
-      concatenation, no attention over left padding); a finished sequence frees its slot, and once
-      `admit_min` (8) slots are free the next prompts are prefilled into them in one call, so the batch
-      stays nearly full without a prefill call per ended request. Greedy tokens equal a plain
+      concatenation, no attention over left padding); a finished sequence frees its slot and the next
+      prompt is prefilled into it at once (or, with `admit_min` > 1, once that many slots are free), so
+      the batch stays full. Greedy tokens equal a plain
       one-sequence greedy loop (tests/test_regen_local.py checks this against HF `generate`).
   hf (any other model, or `decoder="hf"`): HF `generate` in left-padded batches of `batch_size`.
 
@@ -128,10 +128,11 @@ class _FastDecoder:
         self.budget_tokens = max(1, int(kv_budget_mb * 2 ** 20) // self.bytes_per_token)
         self._rope_len = 0
         self.reuse_prefix = True
-        # Admit waiting prompts only once this many slots are free (fewer at the queue's tail): each
-        # admission is a prefill call over all layers, and admitting one prompt per decode step, as short
-        # requests end one by one, made prefills cost about as much as the decode steps themselves.
-        self.admit_min = 8
+        # Admit waiting prompts only once this many slots are free (fewer at the queue's tail), so that
+        # short requests ending one by one do not each cost a prefill call. Measured on SmolLM2 self-instruct
+        # requests (bench/self_instruct_calls.py --admit-min 1 8, an AVX2 CPU): 8 gave the same generated
+        # tokens/s as 1 (76.4 vs 76.1), so the default refills at once.
+        self.admit_min = 1
         self.attn = "sdpa"  # CPU flash kernel: as fast as batched matmuls alone, far faster under 2 threads
         self._cos = self._sin = None
 
@@ -344,7 +345,8 @@ class _FastDecoder:
             admitted: list[int] = []
             busy_now = sum(r >= 0 for r in slot_req)
             waiting = len(queue) - qpos
-            hold = busy_now and waiting and S - busy_now < max(1, min(self.admit_min, waiting, S // 4))
+            hold = (self.admit_min > 1 and busy_now and waiting
+                    and S - busy_now < max(1, min(self.admit_min, waiting, S // 4)))
             while qpos < len(queue) and not hold:
                 i = queue[qpos]
                 busy = sum(r >= 0 for r in slot_req)
