@@ -24,9 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-               rms_norm_eps=1e-5, tie_word_embeddings=True)
+from train_step import PRESETS  # noqa: E402 - bench/ is the script's own directory: SmolLM2's config
 
 
 def main(argv=None) -> dict:
@@ -54,7 +52,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     B, T, VD, K = args.batch, args.length, args.draft_vocab_size, args.topk
-    tcfg = LlamaConfig(**SMOLLM2)
+    tcfg = LlamaConfig(**PRESETS["smollm2"])
     V = tcfg.vocab_size
     draft = build_draft(build_draft_config(tcfg, VD, layer_ids=default_layer_ids(tcfg.num_hidden_layers)))
     draft.load_embedding(torch.randn(V, tcfg.hidden_size) * 0.02)
