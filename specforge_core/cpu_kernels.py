@@ -66,10 +66,6 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN {kind} prepacked"
 
 
-class PackedBF16Linear(PackedLinear):
-    """`PackedLinear` in bf16 (the kernel `onednn-bf16`)."""
-
-
 # Each packed kernel and the dtype its matmuls run in. On a CPU without AVX512-BF16 / AMX the fp32 one is
 # what flattens a verify's cost: PyTorch's fp32 F.linear repacks the weight on every call and takes 1.83x
 # a 1-token decode step for a 4-token verify of SmolLM2 on an AVX2 CPU (bench/verify_cost.py).
@@ -107,12 +103,6 @@ def resolve_linear_kernel(choice: str, device, dtype) -> str:
             if _kernel_runs(k) is None:
                 return k
     return "native"
-
-
-def packed_linear_factory(kernel: str):
-    """(weight, bias=None) -> a callable x -> x W^T + b under a packed `kernel`."""
-    dtype = PACKED_KERNELS[kernel]
-    return lambda w, b=None: PackedLinear(w, b, dtype=dtype)
 
 
 @torch.no_grad()

@@ -94,10 +94,12 @@ class _FastDecoder:
         self.embed = base.embed_tokens.weight
         self.norm_w = base.norm.weight
         F = torch.nn.functional
-        from ..cpu_kernels import PACKED_KERNELS, packed_linear_factory
+        from functools import partial
+
+        from ..cpu_kernels import PACKED_KERNELS, PackedLinear
 
         if linear_kernel in PACKED_KERNELS:
-            lin = packed_linear_factory(linear_kernel)
+            lin = partial(PackedLinear, dtype=PACKED_KERNELS[linear_kernel])
         elif linear_kernel == "native":
             def lin(w, b=None):
                 return lambda x: F.linear(x, w, b)
@@ -343,10 +345,9 @@ class _FastDecoder:
             # Admit queued prompts into free slots (growing the cache or shrinking the slot count
             # within the memory budget when the next prompt needs more room).
             admitted: list[int] = []
-            busy_now = sum(r >= 0 for r in slot_req)
-            waiting = len(queue) - qpos
-            hold = (self.admit_min > 1 and busy_now and waiting
-                    and S - busy_now < max(1, min(self.admit_min, waiting, S // 4)))
+            busy, waiting = sum(r >= 0 for r in slot_req), len(queue) - qpos
+            hold = (self.admit_min > 1 and busy and waiting
+                    and S - busy < max(1, min(self.admit_min, waiting, S // 4)))
             while qpos < len(queue) and not hold:
                 i = queue[qpos]
                 busy = sum(r >= 0 for r in slot_req)
