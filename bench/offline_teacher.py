@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     from specforge_core.models.registry import build_draft
     from specforge_core.models.target import default_layer_ids
     from specforge_core.offline.store import TopKLogits
-    from specforge_core.training.ttt import draft_teacher, ttt_forward
+    from specforge_core.models.ttt import draft_teacher, ttt_forward
 
     torch.manual_seed(0)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]

@@ -41,7 +41,7 @@ def table(out: Path) -> dict:
         res["baseline_tokens_per_s"] = (r.get("baseline") or {}).get("tokens_per_s")
         res["configs"] = [{k: x.get(k) for k in ("config", "acceptance_length", "acceptance_length_sglang",
                                                  "tokens_per_s", "speedup", "mismatches_vs_baseline",
-                                                 "per_position_accept_rate", "verify_step_cost_in_decode_steps",
+                                                 "per_position_accept_rate", "verify_step_cost_in_decode_steps", "teacher_forced",
                                                  "time_breakdown")} for x in r.get("results", [])]
         res["baseline_time_breakdown"] = (r.get("baseline") or {}).get("time_breakdown")
         res["prompts"], res["finished"] = r.get("prompts"), r.get("finished")
@@ -156,7 +156,9 @@ def main() -> int:
                   f"({c.get('verify_step_cost_in_decode_steps') or 0:.2f} decode steps)")
     for c in res.get("calibration", []):
         print(f"  calibration {c['config']}: simulated (held-out) {c['simulated_heldout']}, in process "
-              f"{c['in_process']}, ratio {c['ratio']}")
+              f"{c['in_process']}, ratio {c['ratio']}; simulated on the benchmark's own answers "
+              f"{c.get('simulated_on_benchmark')}, ratio {c.get('ratio_on_benchmark')}, verify steps predicted "
+              f"exactly {c.get('agreement')}")
     dest = ROOT / "bench" / "results" / "recipe_smollm2.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(res, indent=2), encoding="utf-8")

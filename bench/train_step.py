@@ -132,7 +132,7 @@ def child(args) -> dict:
     from specforge_core.models.eagle3 import build_draft_config
     from specforge_core.models.registry import build_draft
     from specforge_core.models.target import Target, default_layer_ids, load_target
-    from specforge_core.training.ttt import ttt_forward
+    from specforge_core.models.ttt import ttt_forward
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -28,7 +28,7 @@ def _one(mode: str, T: int, K: int, hidden: int, device: str) -> dict:
 
     from specforge_core.models.eagle3 import build_draft_config
     from specforge_core.models.registry import build_draft
-    from specforge_core.training.ttt import ttt_forward
+    from specforge_core.models.ttt import ttt_forward
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference is test code
     from ttt_reference import ttt_reference

@@ -509,7 +509,7 @@ def test_topk_position_with_no_draft_token_is_not_counted():
     from specforge_core.models.eagle3 import build_draft_config
     from specforge_core.models.registry import build_draft
     from specforge_core.offline.store import topk_logits, topk_rows
-    from specforge_core.training.ttt import ttt_forward
+    from specforge_core.models.ttt import ttt_forward
 
     V, VD, H, T = 64, 16, 32, 12
     torch.manual_seed(0)
@@ -566,7 +566,7 @@ def test_topk_teacher_in_draft_vocab_equals_the_dense_rebuild(dtype):
     from specforge_core.models.eagle3 import build_draft_config
     from specforge_core.models.registry import build_draft
     from specforge_core.offline.store import TopKLogits, topk_logits, topk_rows
-    from specforge_core.training.ttt import draft_teacher, ttt_forward
+    from specforge_core.models.ttt import draft_teacher, ttt_forward
 
     V, VD, H, B, T, K = 64, 16, 32, 2, 14, 6
     torch.manual_seed(0)

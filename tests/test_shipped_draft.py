@@ -63,3 +63,11 @@ def test_shipped_draft_is_lossless_and_accepts_drafts_on_held_out_prompts(tmp_pa
     for r in ev["results"]:
         assert r["mismatches_vs_baseline"] == 0, r   # greedy speculative decoding reproduces plain greedy
         assert r["acceptance_length"] > 1.15, r      # a trained draft: above the 1.0 of a useless one
+    # Training's view of the same answers: the TTT predicts the decoder's verify steps (float noise could
+    # flip a rare near-tie; none did on 1,064 steps of 12 prompts), and its simulated acceptance length
+    # is the in-process one up to where on the text the verify steps happened to anchor.
+    chain = next(r for r in ev["results"] if r["config"] == "1,3,1,4")
+    tf = chain["teacher_forced"]
+    assert tf["replayed_steps"] > 60 and tf["agreement"] >= 0.97, tf
+    assert abs(tf["acceptance_length"] / chain["acceptance_length"] - 1) < 0.1, (tf, chain["acceptance_length"])
+    assert "teacher_forced" not in next(r for r in ev["results"] if r["config"] == "1,3,4,8")   # a tree: no chain

@@ -1,5 +1,5 @@
 """Train/serve consistency of the EAGLE3 draft: speculative decoding must run the draft exactly as the
-training-time test (`training/ttt.py::ttt_forward`) does.
+training-time test (`models/ttt.py::ttt_forward`) does.
 
 On a prompt plus the target's own greedy continuation, `ttt_forward` gives, for every position t and
 step k, the draft's logits for token t+2+k with the real tokens teacher-forced. We capture those by
@@ -24,7 +24,7 @@ import torch
 from conftest import tiny_llama_config
 from specforge_core.evaluate import spec_decode as sd
 from specforge_core.evaluate.spec_decode import SpecDecoder, greedy_generate
-from specforge_core.training.ttt import ttt_forward
+from specforge_core.models.ttt import ttt_forward
 
 V = 384          # target vocab
 VD = 192         # draft vocab (scattered subset, so d2t offsets are non-trivial)
@@ -259,3 +259,63 @@ def test_a_misaligned_draft_would_be_caught(setup):
             check_consistency(trained, target, prompts[0], seqs[0], 3, 1, 4)
     finally:
         sd.draft_forward, SpecDecoder._tree = orig_fwd, orig_tree
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_teacher_forced_pass_predicts_every_verify_step(setup, which):
+    """`evaluate`'s teacher-forced pass: the TTT's run lengths over the baseline's own answers predict how
+    many drafts each in-process verify step accepts, exactly (float64: no near-tie can flip)."""
+    from specforge_core.evaluate.teacher_forced import teacher_forced
+
+    _, target, prompts, _, random_draft, trained, _ = setup
+    draft = trained if which == "trained" else random_draft
+    specs = [sd.SpecConfig.parse(c) for c in ("1,3,1,4", "1,5,1,6", "1,3,2,8")]
+    base = [greedy_generate(target, p, N_NEW) for p in prompts]
+    outs = {s.label: [SpecDecoder(target, draft, s.steps, s.topk, s.draft_tokens).generate(p, N_NEW)
+                      for p in prompts] for s in specs if s.topk == 1}
+    tf = teacher_forced(target, draft, prompts, base, specs, outs)
+    assert set(tf) == {"1,3,1,4", "1,5,1,6"}                 # a tree has no chain to replay
+    for label, row in tf.items():
+        assert [o.tokens for o in outs[label]] == [b.tokens for b in base]
+        assert row["replayed_steps"] > 10 and row["agreement"] == 1.0, (label, row)
+        accepted = [a for o in outs[label] for a in o.accepted]
+        if which == "trained":
+            assert max(accepted) >= 2, accepted             # the replay covered accepted chains, not only misses
+            assert row["acceptance_length"] > 1.5, row
+        else:
+            assert row["acceptance_length"] < 1.3, row
+
+
+@pytest.mark.unit
+def test_teacher_forced_replay_would_catch_a_shifted_anchor(setup):
+    """The replay can fail: anchoring one position late (as if the prefill's token were a verify step's)
+    disagrees with the decoder on the trained draft."""
+    from specforge_core.evaluate import teacher_forced as tfm
+
+    _, target, prompts, _, _, trained, _ = setup
+    spec = sd.SpecConfig.parse("1,3,1,4")
+    base = [greedy_generate(target, p, N_NEW) for p in prompts]
+    outs = {spec.label: [SpecDecoder(target, trained, 3, 1, 4).generate(p, N_NEW) for p in prompts]}
+    orig = tfm.answer_runs
+    tfm.answer_runs = lambda *a, **kw: orig(*a, **kw)[1:]
+    try:
+        row = tfm.teacher_forced(target, trained, prompts, base, [spec], outs)[spec.label]
+    finally:
+        tfm.answer_runs = orig
+    assert row["agreement"] < 0.8, row
+
+
+@pytest.mark.unit
+def test_replay_walks_the_anchors_and_stops_at_the_text_end():
+    from specforge_core.evaluate.teacher_forced import replay
+
+    runs = [2, 0, 3, 5, 1, 0, 0, 0, 0]                    # 10 answer tokens: anchors 0..8
+    # anchor 0 runs 2 -> accept 2, anchor 3 runs 5 -> accept min(5, 3), anchor 7: its drafts pass token 9
+    r = sd.GenerationResult(tokens=list(range(10)), verify_steps=3, accepted=[2, 3, 1])
+    assert replay(runs, r, 3) == (2, 2)
+    # a wrong count moves the walk too: anchor 0 right, anchor 3 (1, not 3) and anchor 5 (1, not 0) wrong
+    r = sd.GenerationResult(tokens=list(range(10)), verify_steps=3, accepted=[2, 1, 1])
+    assert replay(runs, r, 3) == (3, 1)
+    # one draft per step: anchors 0 (1), 2 (0: its run says 1) and 3 (1)
+    assert replay(runs, sd.GenerationResult(tokens=list(range(10)), accepted=[1, 0, 1]), 1) == (3, 2)

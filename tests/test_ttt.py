@@ -13,7 +13,7 @@ from conftest import tiny_llama_config
 from specforge_core.models.eagle3 import build_draft_config
 from specforge_core.models.registry import build_draft
 from specforge_core.training.metrics import TTTMetrics, simulated_acceptance_length
-from specforge_core.training.ttt import ATTENTION_BACKENDS, causal_lse, ttt_forward
+from specforge_core.models.ttt import ATTENTION_BACKENDS, causal_lse, ttt_forward
 from ttt_reference import ttt_reference
 
 pytestmark = pytest.mark.unit
@@ -93,6 +93,8 @@ def test_matches_reference(K, backend, left_pad):
     assert out.acc == pytest.approx(ref.acc, abs=1e-12)
     assert max(ref.acc) > 0  # the planted agreement makes accuracy a real check
     assert (out.chain, out.anchors) == (ref.chain, ref.anchors)
+    # run_lengths is the chain per anchor: chain_k anchors ran past step k.
+    assert [int((out.run_lengths > k).sum()) for k in range(K)] == out.chain
     assert ref.chain[0] > 0 and ref.anchors > ref.counts[0]  # some chains start; some targets lie outside the vocab
     assert out.ploss == pytest.approx(ref.ploss, abs=1e-6)
     assert float(out.loss.detach()) == pytest.approx(float(ref.loss.detach()), abs=1e-6)
@@ -122,7 +124,7 @@ def test_draft_step_is_ttt_step0():
 
 
 def test_chunked_lse_matches_dense(monkeypatch):
-    import specforge_core.training.ttt as ttt
+    import specforge_core.models.ttt as ttt
 
     monkeypatch.setattr(ttt, "LSE_CHUNK_ELEMENTS", 1)  # forces the smallest chunks: 16 queries
     torch.manual_seed(0)
@@ -252,6 +254,8 @@ def test_chain_counts_consecutive_hits_per_anchor():
     # anchors t = 1..4; the draft always says id 3 (a1, token 4): step 0 is right at t=2, step 1 at t=1
     # (token 1+2+1), step 2 at t=0 - each at a different anchor, so no chain of two survives.
     assert out.anchors == 4 and out.chain == [1, 0, 0]
+    # Per anchor: only t=2 has a run (step 0 right, step 1 wrong); t=1's step-1 hit follows a miss.
+    assert out.run_lengths[0].tolist() == [0, 0, 1, 0, 0, 0]
     m = TTTMetrics(3)
     m.add(out)
     row = m.row(0.8)

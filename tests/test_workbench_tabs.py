@@ -746,13 +746,15 @@ def test_recipe_stage_table_results_and_progress(ws):
         "results": [{"config": "1,2,1,3", "prompts": 2, "acceptance_length": 1.16667, "speedup": 0.8226,
                      "tokens_per_s": 11.43}]}))
     (out / "eval" / "calibration.json").write_text(json.dumps([
-        {"config": "1,2,1,3", "simulated_heldout": 1.62890625, "in_process": 1.16667, "ratio": 0.71623, "note": None}]))
+        {"config": "1,2,1,3", "simulated_heldout": 1.62890625, "in_process": 1.16667, "ratio": 0.71623,
+         "simulated_on_benchmark": 1.1712, "ratio_on_benchmark": 0.99613, "agreement": 1.0, "note": None}]))
     (out / "eval" / "acceptance.html").write_text("<html></html>")
     res, cal = rt.results_tables(out)
     assert list(res["config"]) == ["baseline (no draft)", "1,2,1,3"]
     assert list(res["acceptance length"]) == [1.0, 1.167] and list(res["speedup"]) == [1.0, 0.823]
     assert cal.to_dict("records") == [{"config": "1,2,1,3", "simulated held-out": 1.629, "in-process": 1.167,
-                                       "ratio": 0.716, "note": ""}]
+                                       "ratio": 0.716, "simulated on benchmark": 1.171, "ratio on benchmark": 0.996,
+                                       "verify steps predicted": 1.0, "note": ""}]
     assert "recipes/mini/eval/acceptance.html" in rt.results_note(ws, out)
 
     # The status card: the job's card, the current stage from its `recipe_stage` events, its own progress.
@@ -769,3 +771,17 @@ def test_recipe_stage_table_results_and_progress(ws):
     assert list(sdf["stage"]) == ["prompts", "answers", "split", "dump", "train", "export", "evaluate"]
     assert list(sdf["status"])[3:5] == ["pending", "stopped"] and list(rdf["config"])[1] == "1,2,1,3"
     assert "No job started yet" in rt.poll_recipe(ws, None)[0]
+
+
+def test_benchmark_summary_shows_the_trainers_view_of_the_same_answers():
+    from workbench.tabs import bench_tab as bt
+
+    res = {"kind": "evaluate", "finished": True, "prompts": 3, "device": "cpu", "dtype": "float32",
+           "baseline": {"config": "baseline", "prompts": 3, "tokens_per_s": 10.0},
+           "results": [{"config": "1,3,1,4", "prompts": 3, "acceptance_length": 1.376, "mismatches_vs_baseline": 0,
+                        "teacher_forced": {"acceptance_length": 1.3845, "agreement": 1.0, "anchors": 10,
+                                           "replayed_steps": 8}},
+                       {"config": "1,3,4,8", "prompts": 3, "acceptance_length": 1.58, "mismatches_vs_baseline": 0}]}
+    s = bt.results_summary(res, "eval.json")
+    assert "1,3,1,4: the trainer's simulated acceptance length on these answers is 1.385 (in process 1.376)" in s
+    assert "predicts 100.0% of the verify steps exactly" in s and "1,3,4,8: the trainer" not in s

@@ -1,4 +1,4 @@
-"""The TTT written the obvious way, for checking `specforge_core.training.ttt.ttt_forward` against.
+"""The TTT written the obvious way, for checking `specforge_core.models.ttt.ttt_forward` against.
 
 Explicit full masks over all (k+1)*T keys and Python loops for the gates: O(K * T * K*T) memory, so
 only for tiny inputs. Kept out of the engine because nothing but the tests (and `bench/ttt_memory.py`,
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from specforge_core.training.ttt import TTTOutput
+from specforge_core.models.ttt import TTTOutput
 
 
 def _up(x: Tensor) -> Tensor:

@@ -53,6 +53,10 @@ class EvaluateConfig(JobConfig):
         "4-8 token verify costs little more than a 1-token step; `native` is PyTorch's own (its fp32 verify "
         "of 4 tokens costs ~1.8 decode steps); `auto` picks onednn-bf16 for an fp32 CPU run where the CPU has "
         "it, else onednn-fp32. Plain and speculative decoding always share the kernels")
+    teacher_forced: bool = Field(True, description="greedy EAGLE3 chain configs: also run the baseline's answers "
+                                 "through the training-time test, for the trainer's simulated acceptance length "
+                                 "on this text and its agreement with each verify step (one target forward per "
+                                 "prompt)")
     seed: int = Field(0, description="seed for sampling")
     resume: bool = Field(False, description="continue a stopped evaluation: the prompts every mode finished "
                          "are read back from <output>.generations.jsonl and the rest run (refused if the "

@@ -11,7 +11,9 @@ counted; 1.0 without speculation) and, beside it, the mean of per-request ratios
 named as such), per-position acceptance rates, the histogram of accepted draft tokens per verify step,
 tokens/s, the speedup over the baseline (tokens/s ratio: at temperature 0 both produce the same tokens,
 so this is the wall-clock ratio) and, at temperature 0, how many outputs differ from the baseline
-(must be 0: greedy speculative decoding is lossless).
+(must be 0: greedy speculative decoding is lossless). At temperature 0 an EAGLE3 draft's chain configs
+also get `teacher_forced` (`teacher_forced.py`): the trainer's simulated acceptance length on the
+baseline's own answers, and how often it predicts each in-process verify step exactly.
 
 The first generated token comes from the prefill forward in every mode and is not a verify step; it
 is counted in `completion_tokens` (as SGLang does) but not in the acceptance length.
@@ -41,6 +43,7 @@ from .benchsets import prompt_source
 from .config import EvaluateConfig
 from .medusa_decode import MedusaDecoder
 from .spec_decode import GenerationResult, SpecConfig, SpecDecoder, acceptance_summary, greedy_generate
+from .teacher_forced import DEFINITION as TEACHER_FORCED_DEFINITION
 
 # The in-process decoder of each draft family (models.registry names the families).
 DECODERS = {"eagle3": SpecDecoder, "medusa": MedusaDecoder}
@@ -373,6 +376,7 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
                                                 "acceptance_length_sglang: SGLang's sum(completion_tokens) / "
                                                 "sum(spec_verify_ct), which also counts the token sampled "
                                                 "at prefill",
+                "teacher_forced_definition": TEACHER_FORCED_DEFINITION,
                 "timing": "modes run interleaved, prompt by prompt (baseline, then each config on the same "
                           "prompt), so a slow spell of a shared machine hits every mode alike",
                 "config": cfg.model_dump(mode="json"), "baseline": summaries.get("baseline"),
@@ -431,6 +435,20 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     finally:
         writer.close()
     summarize(final=True)
+    if cfg.teacher_forced and family_name == "eagle3" and cfg.temperature == 0:
+        from .teacher_forced import teacher_forced
+
+        tf = teacher_forced(target, draft, prompts, outputs["baseline"], specs, outputs,
+                            progress=lambda d, n: events.progress(d, n, what="teacher-forced"),
+                            cancelled=lambda: events.cancelled)
+        if events.cancelled:
+            _write_json(out_path, payload(False))
+            raise JobCancelled(f"stopped during the teacher-forced pass; generations are all in {gen_path}: "
+                               "run again with --resume to redo only that pass")
+        for label, row in tf.items():
+            summaries[label]["teacher_forced"] = row
+        events.emit("evaluate_teacher_forced", **{k: {kk: (round(vv, 4) if isinstance(vv, float) else vv)
+                                                      for kk, vv in v.items()} for k, v in tf.items()})
     for name, _ in modes:
         s = summaries[name]
         events.emit("evaluate_mode", **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()

@@ -10,7 +10,7 @@ Parameter names are exactly the serving names SGLang and vLLM load (`midlayer.*`
 dropped by export.
 
 The module exposes pieces rather than one opaque forward, because the training-time test
-(`training/ttt.py`) needs to interleave its own attention between them: `project` (fc), `embed`,
+(`models/ttt.py`) needs to interleave its own attention between them: `project` (fc), `embed`,
 `midlayer.qkv` (norms, projections, RoPE), `midlayer.finish` (o_proj, residual, MLP) and `logits`.
 `draft_step` is the incremental API for speculative decoding at inference time.
 

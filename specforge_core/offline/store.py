@@ -188,7 +188,7 @@ def topk_logits(values: Tensor, indices: Tensor, vocab_size: int, dtype: torch.d
 class TopKLogits:
     """A batch's teacher as a top-k store keeps it, standing in for the dense [B, T, V] logits that
     `topk_logits` would rebuild: values [B, T, k] (descending, in `dtype`), ids [B, T, k] int64, and the
-    floor everywhere else. The TTT reads it in the draft vocab directly (`training.ttt.draft_teacher`), so
+    floor everywhere else. The TTT reads it in the draft vocab directly (`models.ttt.draft_teacher`), so
     training never builds a [B, T, V] tensor: with a 49k target vocab that rebuild was a quarter of a
     CPU training step."""
     values: Tensor

@@ -307,7 +307,11 @@ def calibration(out: Path, results: dict) -> list[dict]:
     """Per chain config: the held-out simulated acceptance length (from the best checkpoint's eval, as a
     chain of `steps` drafts) beside the in-process figure, and their ratio. The simulation is the chain
     one (chain_k: drafts 0..k all right at an anchor, out-of-vocab targets missed) where the eval has it;
-    older runs logged only acc_k, for which it is the independent product (`simulation` says which)."""
+    older runs logged only acc_k, for which it is the independent product (`simulation` says which).
+    Beside them, where `evaluate` ran its teacher-forced pass: the same simulation on the benchmark's own
+    greedy answers (`simulated_on_benchmark`) and its agreement with the verify steps. Held-out vs
+    on-benchmark is how far the training data is from the benchmark; on-benchmark vs in-process is how far
+    the trainer's metric is from serving."""
     from ..models.checkpoints import best_checkpoint
     from ..training.metrics import chain_acceptance_length, simulated_acceptance_length
 
@@ -329,8 +333,13 @@ def calibration(out: Path, results: dict) -> list[dict]:
         else:
             sim, how = None, None
         real = r.get("acceptance_length")
+        tf = r.get("teacher_forced") or {}
+        on_bench = tf.get("acceptance_length")
         rows.append({"config": r.get("config"), "simulated_heldout": sim, "in_process": real,
                      "ratio": (real / sim) if sim and real else None, "simulation": how,
+                     "simulated_on_benchmark": on_bench,
+                     "ratio_on_benchmark": (real / on_bench) if on_bench and real else None,
+                     "agreement": tf.get("agreement"),
                      "note": None if sim is not None else f"trained with ttt_length {len(acc)} < {steps} steps"})
     return rows
 

@@ -3,7 +3,7 @@
 Alignment (docs/ARCHITECTURE.md, "Medusa"): the heads read the target's final normed last hidden state
 at position t; head i (0-based) predicts token t+2+i, whose distribution under the target is its
 logits at position t+1+i. A prediction is counted with the gates EAGLE3's TTT uses for its step i
-(`training/ttt.py`): token t+2+i exists and is real (attention_mask at t, t+1+i, t+2+i), is trained
+(`models/ttt.py`): token t+2+i exists and is real (attention_mask at t, t+1+i, t+2+i), is trained
 (loss_mask[t+2+i]) and the target's argmax for it lies in the draft vocabulary. The teacher is
 softmax(target_logits[..., t2d]) (the target restricted to the draft vocabulary, as in the TTT); the
 loss of head i is the soft cross-entropy averaged over its counted positions, weighted decay**i and
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .ttt import TTTOutput, _up, chain_anchors, draft_teacher
+from ..models.ttt import TTTOutput, _up, chain_anchors, draft_teacher
 
 
 def _check_inputs(draft, last_hidden: Tensor, target_logits: Tensor, loss_mask: Tensor,

@@ -41,7 +41,7 @@ from .distributed import (DistInfo, DraftEngine, PeerFailure, all_reduce_sum, ba
 from .metrics import TTTMetrics
 from .tracking import Tracker
 from .medusa_loss import medusa_forward
-from .ttt import TTTOutput, ttt_forward
+from ..models.ttt import TTTOutput, ttt_forward
 
 
 # ------------------------------------------------------------------------------------------------

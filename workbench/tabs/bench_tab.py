@@ -222,6 +222,13 @@ def results_summary(results: dict, path: str) -> str:
         for r in bad:
             s += (f"  \n⚠ {html.escape(str(r.get('config')))}: {r['mismatches_vs_baseline']} output(s) differ from "
                   "plain greedy decoding (the *errors* column)")
+        for r in results.get("results") or []:
+            tf = r.get("teacher_forced") or {}
+            if tf.get("acceptance_length") is not None:
+                agree = tf.get("agreement")
+                s += (f"  \n{html.escape(str(r.get('config')))}: the trainer's simulated acceptance length on these "
+                      f"answers is {tf['acceptance_length']:.3f} (in process {r.get('acceptance_length') or 0:.3f})"
+                      + (f"; it predicts {100 * agree:.1f}% of the verify steps exactly" if agree is not None else ""))
         s += ("  \nAcceptance length is *pooled*: tokens per verify step summed over the prompts / verify steps "
               "(the bonus token counts, so no speculation is 1.0). Speedup is over plain greedy decoding of the "
               "same prompts in the same process; on a CPU that is a CPU's speed, not a server's.")

@@ -31,7 +31,8 @@ OUTPUT_ROOT = "recipes"            # the default output is recipes/<recipe name>
 NO_STAGE = ("none", "")            # the restart-from / stop-after choice that means "not set"
 STAGE_COLUMNS = ["stage", "status", "time", "result"]
 RESULT_COLUMNS = ["config", "acceptance length", "speedup", "tokens/s", "prompts"]
-CALIBRATION_COLUMNS = ["config", "simulated held-out", "in-process", "ratio", "note"]
+CALIBRATION_COLUMNS = ["config", "simulated held-out", "in-process", "ratio", "simulated on benchmark",
+                       "ratio on benchmark", "verify steps predicted", "note"]
 _NOT_RECIPE_DIRS = ("jobs", "cache")
 _MAX_YAML_BYTES = 1 << 20
 CSS = """
@@ -374,7 +375,10 @@ def results_tables(out_dir: Optional[str | Path]):
                      "prompts": r.get("prompts")})
     cal = (_read_json(Path(out_dir) / "eval" / "calibration.json") if out_dir else None) or []
     crow = [{"config": c.get("config"), "simulated held-out": _round(c.get("simulated_heldout")),
-             "in-process": _round(c.get("in_process")), "ratio": _round(c.get("ratio")), "note": c.get("note") or ""}
+             "in-process": _round(c.get("in_process")), "ratio": _round(c.get("ratio")),
+             "simulated on benchmark": _round(c.get("simulated_on_benchmark")),
+             "ratio on benchmark": _round(c.get("ratio_on_benchmark")),
+             "verify steps predicted": _round(c.get("agreement")), "note": c.get("note") or ""}
             for c in cal if isinstance(c, dict)]
     return pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(crow, columns=CALIBRATION_COLUMNS)
 

@@ -47,6 +47,10 @@ class TTTOutput:
     # draft vocab lacks is a miss there, as in serving, where the draft cannot propose it).
     chain: list[int] = field(default_factory=list)
     anchors: int = 0
+    # Per position t [B, T-2]: how many leading steps of the chain anchored at t were right (0..K; 0 where
+    # t anchors nothing). A greedy chain decoder whose verify step starts at t accepts min(this, steps) drafts:
+    # `evaluate` replays its verify steps against it (training's view of acceptance beside serving's).
+    run_lengths: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,12 +201,11 @@ def _up(x: Tensor) -> Tensor:
 def draft_teacher(target_logits, t2d: Tensor) -> tuple[Tensor, Tensor]:
     """(the target's logits over the draft vocab [B,T,Vd], its argmax as target ids [B,T]).
 
-    `target_logits` is dense [B,T,V], or a top-k store's `TopKLogits`: then both come straight from the k
-    stored ids, without the [B,T,V] rebuild, and equal what the rebuilt dense logits give bit for bit
-    (same values in the same dtype, the floor elsewhere; argmax ties go to the lowest id, as torch's do)."""
-    from ..offline.store import TopKLogits
-
-    if not isinstance(target_logits, TopKLogits):
+    `target_logits` is a dense [B,T,V] tensor, or a top-k store's teacher (`offline.store.TopKLogits`:
+    values, ids, vocab_size, dtype): then both come straight from the k stored ids, without the [B,T,V]
+    rebuild, and equal what the rebuilt dense logits give bit for bit (same values in the same dtype, the
+    floor elsewhere; argmax ties go to the lowest id, as torch's do)."""
+    if isinstance(target_logits, Tensor):
         return target_logits[..., t2d], target_logits.argmax(-1)
     vals, ids = target_logits.values.to(target_logits.dtype), target_logits.ids.long()
     V, Vd = int(target_logits.vocab_size), int(t2d.sum())
@@ -282,6 +285,7 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
     # Step k at position t extends the chain anchored at t (h stays at t), so one bool per anchor suffices.
     alive = chain_anchors(am, lm)                                                          # [B,T-2]
     anchors = int(alive.sum())
+    run_lengths = torch.zeros(alive.shape, dtype=torch.long, device=dev)                    # [B,T-2]
     for k in range(ttt_length):
         emb = draft.embed(ids_next[:, k:k + T]).to(h.dtype)                                 # [B,T,H]
         cos, sin = draft.rope(h, pos + k)                                                   # query/key at t+k
@@ -313,6 +317,7 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
                 hit = torch.zeros_like(mask)
                 hit[mask] = correct
                 alive = alive[:, :n] & hit
+                run_lengths[:, :n] += alive
         else:
             cnt, acc_k = 0, 0.0
             lk = out.sum() * 0.0                          # keeps the graph alive for backward
@@ -323,4 +328,5 @@ def ttt_forward(draft, input_ids: Tensor, aux_hidden: Tensor, target_logits: Ten
         counts.append(cnt)
         chain.append(int(alive.sum()))
         h = out
-    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts, chain=chain, anchors=anchors)
+    return TTTOutput(loss=total, ploss=ploss, acc=accs, counts=counts, chain=chain, anchors=anchors,
+                     run_lengths=run_lengths)
