@@ -42,6 +42,7 @@ def table(out: Path) -> dict:
         res["configs"] = [{k: x.get(k) for k in ("config", "acceptance_length", "acceptance_length_sglang",
                                                  "tokens_per_s", "speedup", "mismatches_vs_baseline",
                                                  "per_position_accept_rate", "verify_step_cost_in_decode_steps", "teacher_forced",
+                                                 "by_category",
                                                  "time_breakdown")} for x in r.get("results", [])]
         res["baseline_time_breakdown"] = (r.get("baseline") or {}).get("time_breakdown")
         res["prompts"], res["finished"] = r.get("prompts"), r.get("finished")
@@ -154,6 +155,12 @@ def main() -> int:
             print(f"  {c['config']:9s} verify step {m['total'] or 0:.1f} ms = target verify {m['target'] or 0:.1f} + "
                   f"draft {m['draft'] or 0:.1f} + bookkeeping {m['other'] or 0:.1f}  "
                   f"({c.get('verify_step_cost_in_decode_steps') or 0:.2f} decode steps)")
+    for c in res.get("configs", []):
+        tf = (c.get("teacher_forced") or {}).get("by_category") or {}
+        for cat, row in (c.get("by_category") or {}).items():
+            print(f"  {c['config']:9s} {cat:12s} prompts {row['prompts']:3d}  acceptance length "
+                  f"{row['acceptance_length'] or 0:.3f}  speedup {row['speedup'] or 0:.2f}x  teacher-forced "
+                  f"{(tf.get(cat) or {}).get('acceptance_length') or 0:.3f}")
     for c in res.get("calibration", []):
         print(f"  calibration {c['config']}: simulated (held-out) {c['simulated_heldout']}, in process "
               f"{c['in_process']}, ratio {c['ratio']}; simulated on the benchmark's own answers "

@@ -269,7 +269,7 @@ def tiny_dirs(tmp_path_factory):
     rows = [{"prompt": "What is the capital of France?"},
             {"id": "c1", "conversations": [{"role": "user", "content": "Say hi."},
                                            {"role": "assistant", "content": "Hi!"}]},
-            {"turns": ["Tell me a story.", "Shorter."]},
+            {"turns": ["Tell me a story.", "Shorter."], "category": "writing"},
             "not an object",
             {"conversations": [{"role": "wizard", "content": "?"}]}]
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n", encoding="utf-8")
@@ -304,6 +304,17 @@ def test_evaluate_job_on_checkpoint_dir(tiny_dirs, tmp_path):
         assert abs(tb["prefill_s"] + tb["target_s"] + tb["draft_s"] + tb["other_s"] - r["wall_s"]) < 1e-2
         assert r["verify_step_cost_in_decode_steps"] > 0
     assert saved["baseline"]["time_breakdown"]["draft_s"] == 0 and saved["prompts_done"] == 3
+    # MT-bench-style rows carry a category: each mode is broken down by it (the other prompts have none)
+    chain, tree = saved["results"]
+    for r in (chain, tree):
+        (cat,) = r["by_category"].items()
+        assert cat[0] == "writing" and cat[1]["prompts"] == 1 and cat[1]["acceptance_length"] >= 1.0, r["by_category"]
+    assert saved["baseline"]["by_category"]["writing"]["speedup"] is None
+    # the teacher-forced pass: chain configs only, over every prompt, and by category
+    tf = chain["teacher_forced"]
+    assert tf["anchors"] > 0 and tf["replayed_steps"] > 0 and 1.0 <= tf["acceptance_length"] < 1.5, tf
+    assert set(tf["by_category"]) == {"writing"} and tf["by_category"]["writing"]["anchors"] < tf["anchors"]
+    assert "teacher_forced" not in tree and "teacher_forced" in saved["teacher_forced_definition"]
 
 
 @pytest.mark.unit

@@ -780,8 +780,11 @@ def test_benchmark_summary_shows_the_trainers_view_of_the_same_answers():
            "baseline": {"config": "baseline", "prompts": 3, "tokens_per_s": 10.0},
            "results": [{"config": "1,3,1,4", "prompts": 3, "acceptance_length": 1.376, "mismatches_vs_baseline": 0,
                         "teacher_forced": {"acceptance_length": 1.3845, "agreement": 1.0, "anchors": 10,
-                                           "replayed_steps": 8}},
+                                           "replayed_steps": 8},
+                        "by_category": {"writing": {"prompts": 2, "acceptance_length": 1.31},
+                                        "roleplay": {"prompts": 1, "acceptance_length": 1.52}}},
                        {"config": "1,3,4,8", "prompts": 3, "acceptance_length": 1.58, "mismatches_vs_baseline": 0}]}
     s = bt.results_summary(res, "eval.json")
     assert "1,3,1,4: the trainer's simulated acceptance length on these answers is 1.385 (in process 1.376)" in s
     assert "predicts 100.0% of the verify steps exactly" in s and "1,3,4,8: the trainer" not in s
+    assert "1,3,1,4 by category: writing 1.31, roleplay 1.52" in s

@@ -13,7 +13,8 @@ tokens/s, the speedup over the baseline (tokens/s ratio: at temperature 0 both p
 so this is the wall-clock ratio) and, at temperature 0, how many outputs differ from the baseline
 (must be 0: greedy speculative decoding is lossless). At temperature 0 an EAGLE3 draft's chain configs
 also get `teacher_forced` (`teacher_forced.py`): the trainer's simulated acceptance length on the
-baseline's own answers, and how often it predicts each in-process verify step exactly.
+baseline's own answers, and how often it predicts each in-process verify step exactly. Prompts with a
+`category` (MT-bench's) also get each mode's figures per category (`by_category`).
 
 The first generated token comes from the prefill forward in every mode and is not a verify step; it
 is counted in `completion_tokens` (as SGLang does) but not in the acceptance length.
@@ -122,7 +123,10 @@ def read_prompts(path, max_prompts: int | None = None, events: Events | None = N
             if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
                 skip(line, "'turns' must be a non-empty list of strings")
                 continue
-            items.append({"id": rid, "messages": [{"role": "user", "content": turns[0]}]})
+            item = {"id": rid, "messages": [{"role": "user", "content": turns[0]}]}
+            if isinstance(obj.get("category"), str) and obj["category"].strip():
+                item["category"] = obj["category"].strip()     # MT-bench's: results are broken down by it
+            items.append(item)
             continue
         try:
             row = normalize_row(obj, require_assistant=False)
@@ -281,6 +285,21 @@ def _read_generations(path: Path, header: dict, items: list[dict], prompts: list
     return done
 
 
+def _by_category(results: list[GenerationResult], baseline: list[GenerationResult], categories: list,
+                 steps: int) -> dict[str, dict]:
+    """Per prompt category (MT-bench's writing, coding, ...) over the prompts run so far: acceptance length,
+    tokens/s and the speedup over the baseline on the same prompts."""
+    out: dict[str, dict] = {}
+    for c in dict.fromkeys(c for c in categories[:len(results)] if c):
+        mine = [r for r, k in zip(results, categories) if k == c]
+        base = [r for r, k in zip(baseline, categories) if k == c]
+        tps = sum(len(r.tokens) for r in mine) / max(sum(r.wall_s for r in mine), 1e-9)
+        btps = sum(len(r.tokens) for r in base) / max(sum(r.wall_s for r in base), 1e-9)
+        out[c] = {"prompts": len(mine), "acceptance_length": acceptance_summary(mine, steps)["acceptance_length"]
+                  if steps else None, "tokens_per_s": tps, "speedup": tps / btps if steps and btps else None}
+    return out
+
+
 def _mode_summary(name: str, results: list[GenerationResult], steps: int) -> dict:
     wall = sum(r.wall_s for r in results)
     toks = sum(len(r.tokens) for r in results)
@@ -325,6 +344,7 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
     items = read_prompts(prompt_source(cfg.prompts), cfg.max_prompts, events)
     prompts = [render_prompt(it, tok, cfg.chat_template, cfg.system_prompt) for it in items]
     stop = eos_ids(tok, target)
+    categories = [it.get("category") for it in items]
     events.emit("evaluate_start", target=cfg.target, draft=str(src.path), draft_kind=src.kind,
                 draft_family=family_name, prompts=len(prompts), configs=cfg.configs, device=str(device),
                 dtype=str(dtype).replace("torch.", ""), linear_kernel=kernel, aux_layer_ids=list(target.layer_ids))
@@ -402,6 +422,9 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
                         warned.add(name)
                         events.warning(f"{name}: {s['mismatches_vs_baseline']} of {len(results)} greedy outputs "
                                        "differ from plain greedy decoding (float noise in low precision, or a bug)")
+            if any(categories):
+                s["by_category"] = _by_category(results, outputs["baseline"], categories,
+                                                spec.steps if spec else 0)
             summaries[name] = s
 
     writer = AppendWriter(gen_path, fsync_every=1)
@@ -440,7 +463,7 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
 
         tf = teacher_forced(target, draft, prompts, outputs["baseline"], specs, outputs,
                             progress=lambda d, n: events.progress(d, n, what="teacher-forced"),
-                            cancelled=lambda: events.cancelled)
+                            cancelled=lambda: events.cancelled, categories=categories)
         if events.cancelled:
             _write_json(out_path, payload(False))
             raise JobCancelled(f"stopped during the teacher-forced pass; generations are all in {gen_path}: "

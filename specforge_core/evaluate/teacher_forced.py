@@ -64,30 +64,41 @@ def replay(runs: Sequence[int], result: GenerationResult, steps: int) -> tuple[i
 def teacher_forced(target, draft, prompts: Sequence[Sequence[int]], baseline: Sequence[GenerationResult],
                    specs: Sequence[SpecConfig], outputs: dict[str, Sequence[GenerationResult]],
                    progress: Callable[[int, int], None] | None = None,
-                   cancelled: Callable[[], bool] | None = None) -> dict[str, dict]:
-    """Per greedy chain config label: {acceptance_length, anchors, agreement, replayed_steps}. Generations
-    that differ from the baseline's are not replayed (their text is not the one simulated)."""
+                   cancelled: Callable[[], bool] | None = None,
+                   categories: Sequence[str | None] | None = None) -> dict[str, dict]:
+    """Per greedy chain config label: {acceptance_length, anchors, agreement, replayed_steps}, and where the
+    prompts have `categories`, the same per category under `by_category`. Generations that differ from the
+    baseline's are not replayed (their text is not the one simulated)."""
     chains = [s for s in specs if s.speculative and s.topk == 1]
     if not chains:
         return {}
     K = max(s.steps for s in chains)
-    acc = {s.label: [0, 0, 0, 0] for s in chains}      # sum of min(run, steps), anchors, replayed, agreed
+    cats = list(categories) if categories is not None else [None] * len(prompts)
+    # (label, category or None for all) -> [sum of min(run, steps), anchors, replayed, agreed]
+    acc: dict[tuple[str, str | None], list[int]] = {}
     for p, (ids, base) in enumerate(zip(prompts, baseline)):
         if cancelled is not None and cancelled():
             break
         runs = answer_runs(target, draft, ids, base.tokens, K)
         for s in chains:
-            a = acc[s.label]
             usable = runs[:max(len(base.tokens) - s.steps, 0)]    # anchors whose `steps` drafts all lie in the text
-            a[0] += sum(min(r, s.steps) for r in usable)
-            a[1] += len(usable)
             mine = outputs[s.label][p]
-            if mine.tokens == base.tokens:
-                seen, same = replay(runs, mine, s.steps)
+            seen, same = replay(runs, mine, s.steps) if mine.tokens == base.tokens else (0, 0)
+            for key in {(s.label, None), (s.label, cats[p])}:
+                a = acc.setdefault(key, [0, 0, 0, 0])
+                a[0] += sum(min(r, s.steps) for r in usable)
+                a[1] += len(usable)
                 a[2] += seen
                 a[3] += same
         if progress is not None:
             progress(p + 1, len(prompts))
-    return {label: {"acceptance_length": 1 + a[0] / a[1] if a[1] else None, "anchors": a[1],
-                    "agreement": a[3] / a[2] if a[2] else None, "replayed_steps": a[2]}
-            for label, a in acc.items()}
+
+    def row(a: list[int]) -> dict:
+        return {"acceptance_length": 1 + a[0] / a[1] if a[1] else None, "anchors": a[1],
+                "agreement": a[3] / a[2] if a[2] else None, "replayed_steps": a[2]}
+
+    out = {s.label: row(acc.get((s.label, None), [0, 0, 0, 0])) for s in chains}
+    if any(c is not None for c in cats):
+        for s in chains:
+            out[s.label]["by_category"] = {c: row(a) for (label, c), a in acc.items() if label == s.label and c}
+    return out

@@ -223,6 +223,10 @@ def results_summary(results: dict, path: str) -> str:
             s += (f"  \n⚠ {html.escape(str(r.get('config')))}: {r['mismatches_vs_baseline']} output(s) differ from "
                   "plain greedy decoding (the *errors* column)")
         for r in results.get("results") or []:
+            cats = [(c, v.get("acceptance_length")) for c, v in (r.get("by_category") or {}).items()]
+            if cats:
+                s += (f"  \n{html.escape(str(r.get('config')))} by category: "
+                      + ", ".join(f"{html.escape(str(c))} {a:.2f}" for c, a in cats if a is not None))
             tf = r.get("teacher_forced") or {}
             if tf.get("acceptance_length") is not None:
                 agree = tf.get("agreement")
