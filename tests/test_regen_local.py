@@ -104,7 +104,11 @@ def test_fast_equals_hf_generate_replies(tiny_dir):
     convs = _convs()
     a = fast.generate(convs, max_tokens=16, stop=["\n\n"])
     b = hf.generate(convs, max_tokens=16, stop=["\n\n"])
-    assert a == b
+    assert a == b                                    # the generated ids too
+    # The ids are the reply's tokens (a stop string cuts the text, not them).
+    assert all(len(r.token_ids) == r.completion_tokens and r.completion_tokens > 0 for r in a)
+    for r in fast.generate(convs, max_tokens=16):
+        assert fast.tokenizer.decode(r.token_ids, skip_special_tokens=True) == r.content
 
 
 @pytest.mark.unit

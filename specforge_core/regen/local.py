@@ -32,7 +32,7 @@ fp32 ones over 256 tokens, the others part ways somewhere along the way (as a bf
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 FAST_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -44,6 +44,7 @@ class LocalReply:
     prompt_tokens: int
     completion_tokens: int
     reasoning: str | None = None
+    token_ids: list[int] = field(default_factory=list)   # the generated ids (end-of-turn excluded), before a stop cut
 
 
 def fast_decoder_supported(config) -> str | None:
@@ -493,7 +494,7 @@ class LocalGenerator:
                 if j >= 0:
                     text, finish = text[:j], "stop"
             replies[i] = LocalReply(content=text, finish_reason=finish, prompt_tokens=len(prompts[i]),
-                                    completion_tokens=len(toks))
+                                    completion_tokens=len(toks), token_ids=[int(t) for t in toks])
             if on_reply is not None:
                 on_reply(i, replies[i])
 
