@@ -69,8 +69,7 @@ def main() -> None:
     if family != "eagle3":
         sys.exit(f"{src.path}: a {family} draft; the teacher-forced pass scores EAGLE3 drafts")
     base = [GenerationResult(tokens=a) for a in answers]
-    nothing = {s.label: [GenerationResult(tokens=[-1])] * len(prompts) for s in specs}   # no decoder ran: no replay
-    tf = teacher_forced(target, draft, prompts, base, specs, nothing, categories=[it.get("category") for it in items])
+    tf = teacher_forced(target, draft, prompts, base, specs, categories=[it.get("category") for it in items])
     score_s = time.time() - t0
     print(f"teacher-forced pass: {score_s:.0f} s")
 

@@ -41,9 +41,8 @@ def table(out: Path) -> dict:
         res["baseline_tokens_per_s"] = (r.get("baseline") or {}).get("tokens_per_s")
         res["configs"] = [{k: x.get(k) for k in ("config", "acceptance_length", "acceptance_length_sglang",
                                                  "tokens_per_s", "speedup", "mismatches_vs_baseline",
-                                                 "per_position_accept_rate", "verify_step_cost_in_decode_steps", "teacher_forced",
-                                                 "by_category",
-                                                 "time_breakdown")} for x in r.get("results", [])]
+                                                 "per_position_accept_rate", "verify_step_cost_in_decode_steps",
+                                                 "teacher_forced", "by_category", "time_breakdown")} for x in r.get("results", [])]
         res["baseline_time_breakdown"] = (r.get("baseline") or {}).get("time_breakdown")
         res["prompts"], res["finished"] = r.get("prompts"), r.get("finished")
         res["linear_kernel"] = r.get("linear_kernel", "native")   # results from before the option: native

@@ -45,6 +45,7 @@ from .config import EvaluateConfig
 from .medusa_decode import MedusaDecoder
 from .spec_decode import GenerationResult, SpecConfig, SpecDecoder, acceptance_summary, greedy_generate
 from .teacher_forced import DEFINITION as TEACHER_FORCED_DEFINITION
+from .teacher_forced import teacher_forced
 
 # The in-process decoder of each draft family (models.registry names the families).
 DECODERS = {"eagle3": SpecDecoder, "medusa": MedusaDecoder}
@@ -459,8 +460,6 @@ def evaluate(cfg: EvaluateConfig, events: Events) -> dict:
         writer.close()
     summarize(final=True)
     if cfg.teacher_forced and family_name == "eagle3" and cfg.temperature == 0:
-        from .teacher_forced import teacher_forced
-
         tf = teacher_forced(target, draft, prompts, outputs["baseline"], specs, outputs,
                             progress=lambda d, n: events.progress(d, n, what="teacher-forced"),
                             cancelled=lambda: events.cancelled, categories=categories)

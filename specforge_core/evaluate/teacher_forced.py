@@ -62,13 +62,14 @@ def replay(runs: Sequence[int], result: GenerationResult, steps: int) -> tuple[i
 
 
 def teacher_forced(target, draft, prompts: Sequence[Sequence[int]], baseline: Sequence[GenerationResult],
-                   specs: Sequence[SpecConfig], outputs: dict[str, Sequence[GenerationResult]],
+                   specs: Sequence[SpecConfig], outputs: dict[str, Sequence[GenerationResult]] | None = None,
                    progress: Callable[[int, int], None] | None = None,
                    cancelled: Callable[[], bool] | None = None,
                    categories: Sequence[str | None] | None = None) -> dict[str, dict]:
     """Per greedy chain config label: {acceptance_length, anchors, agreement, replayed_steps}, and where the
-    prompts have `categories`, the same per category under `by_category`. Generations that differ from the
-    baseline's are not replayed (their text is not the one simulated)."""
+    prompts have `categories`, the same per category under `by_category`. `outputs` (per label, the decoder's
+    generations) are replayed where they equal the baseline's (otherwise their text is not the one simulated);
+    without them nothing is replayed and `agreement` is None."""
     chains = [s for s in specs if s.speculative and s.topk == 1]
     if not chains:
         return {}
@@ -82,8 +83,8 @@ def teacher_forced(target, draft, prompts: Sequence[Sequence[int]], baseline: Se
         runs = answer_runs(target, draft, ids, base.tokens, K)
         for s in chains:
             usable = runs[:max(len(base.tokens) - s.steps, 0)]    # anchors whose `steps` drafts all lie in the text
-            mine = outputs[s.label][p]
-            seen, same = replay(runs, mine, s.steps) if mine.tokens == base.tokens else (0, 0)
+            mine = outputs[s.label][p] if outputs is not None else None
+            seen, same = replay(runs, mine, s.steps) if mine is not None and mine.tokens == base.tokens else (0, 0)
             for key in {(s.label, None), (s.label, cats[p])}:
                 a = acc.setdefault(key, [0, 0, 0, 0])
                 a[0] += sum(min(r, s.steps) for r in usable)
